@@ -1,0 +1,254 @@
+"""ReFusion networks (Bai et al., IJCV 2024).
+
+Three networks built from the same Restormer-style blocks:
+
+* ``ReFusion`` -- the fusion module F: two Y channels ``(B,2,H,W)`` -> fused ``(B,1,H,W)``.
+* ``LPN``      -- the loss proposal module P: per-pixel weights of F's intensity/gradient loss.
+* ``ReN``      -- the reconstruction module R: fused ``(B,1,H,W)`` -> both sources ``(B,2,H,W)``.
+
+Every module keeps its parameters as ordinary ``nn.Parameter`` attributes and reads them only
+through ``self``, so ``torch.func.functional_call(net, params, x)`` runs it with substituted
+parameters (the virtual steps of meta-learning) without any shadow copies.
+
+Speed: feature maps are kept in channels-last memory layout. 1x1 convolutions then become one
+matmul over the channel axis, depthwise 3x3 convolutions hit the fast NHWC kernels, the channel
+LayerNorm is a plain ``F.layer_norm`` over the last axis, and the attention output projection is
+folded into the (tiny) attention matrix so it costs no extra pass over the pixels.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.depthwise import depthwise_conv3x3
+
+CHANNELS_LAST = torch.channels_last
+
+
+def _release_conv_key_hook(module, state_dict, prefix, *_):
+    """Accept the authors' checkpoints, which store each conv weight twice.
+
+    The release wraps every ``nn.Conv2d`` as ``x.conv`` and also exposes its weight as
+    ``x.weight``, so its state dicts hold ``x.weight`` and ``x.conv.weight`` (same tensor).
+    We keep one key per parameter; the duplicate is dropped after checking it agrees.
+    """
+    duplicate = state_dict.pop(prefix + "conv.weight", None)
+    if duplicate is None:
+        return
+    if prefix + "weight" not in state_dict:
+        state_dict[prefix + "weight"] = duplicate
+    elif not torch.equal(state_dict[prefix + "weight"], duplicate):
+        raise RuntimeError(f"checkpoint keys {prefix}weight and {prefix}conv.weight disagree")
+
+
+class Conv2d(nn.Conv2d):
+    """Bias-free ``nn.Conv2d`` that also loads the release's duplicated weight keys.
+
+    Output is channels-last so the blocks downstream see a consistent layout.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, groups=1):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                         groups=groups, bias=False)
+        self.register_load_state_dict_pre_hook(_release_conv_key_hook)
+
+    def forward(self, x):
+        return super().forward(x.contiguous(memory_format=CHANNELS_LAST)).contiguous(
+            memory_format=CHANNELS_LAST)
+
+
+class PointwiseConv(Conv2d):
+    """1x1 convolution as a matmul over channels. ``(B,Cin,H,W) -> (B,Cout,H,W)``, channels-last."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        nhwc = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1)
+        return F.linear(nhwc, self.weight.flatten(1)).permute(0, 3, 1, 2)
+
+
+class DepthwiseConv(Conv2d):
+    """Depthwise 3x3 convolution, zero padding. ``(B,C,H,W) -> (B,C,H,W)``, channels-last.
+
+    Runs through ``utils.depthwise``, whose backward is itself made of depthwise convolutions so
+    that double-backward (meta-learning) avoids PyTorch's slow per-group fallback on CPU.
+    """
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, groups=channels)
+
+    def forward(self, x):
+        return depthwise_conv3x3(x.contiguous(memory_format=CHANNELS_LAST), self.weight)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of ``(B,C,H,W)`` with weight and bias (eps 1e-5).
+
+    Matches Restormer's "WithBias" LayerNorm (biased variance); ``body`` keeps the release's keys.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.body = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x):
+        nhwc = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1)
+        return self.body(nhwc).permute(0, 3, 1, 2)
+
+
+def channel_attention(q, k, v, temperature, projection):
+    """Multi-head transposed attention with the output projection folded in.
+
+    Per head h with c = C/heads channels, q, k, v are read as (c, HW) matrices;
+    ``attn = softmax(norm(q) @ norm(k)^T * t_h)`` with rows L2-normalised over pixels, and the
+    result is ``projection @ (attn @ v)`` (a 1x1 convolution).
+
+    q, k, v: ``(B,C,H,W)``; temperature: ``(heads,1,1)``; projection: ``(Cout,C,1,1)``.
+    Returns ``(B,Cout,H,W)`` channels-last.
+
+    The logits are a sum over every pixel, and the release's float32 rounding of that sum is
+    visible in the output (up to 1e-5 on a megapixel image), so they are computed exactly as the
+    release does: normalise, then one batched (c x HW) @ (HW x c) product per head.
+    ``projection @ blockdiag(attn)`` is only ``(Cout, C)``, so applying attention and projection
+    together costs one matmul over the pixels, with v read in place (channels-last).
+    """
+    batch, channels, height, width = q.shape
+    heads = temperature.shape[0]
+    per_head = channels // heads
+
+    def head_rows(t):  # (B, heads, c, HW), unit rows
+        return F.normalize(t.contiguous().view(batch, heads, per_head, height * width), dim=-1)
+
+    attn = torch.softmax(head_rows(q) @ head_rows(k).transpose(-2, -1) * temperature, dim=-1)
+    proj = projection.flatten(1).view(-1, heads, per_head)  # (Cout, heads, c_q)
+    mixer = torch.einsum("ohi,bhij->bhjo", proj, attn).reshape(batch, channels, -1)
+    tokens = v.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1).reshape(
+        batch, height * width, channels)
+    out = tokens @ mixer  # (B, HW, Cout)
+    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-Dconv head transposed self-attention (MDTA). ``(B,C,H,W) -> (B,C,H,W)``."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = PointwiseConv(dim, dim * 3)
+        self.qkv_dwconv = DepthwiseConv(dim * 3)
+        self.project_out = PointwiseConv(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        return channel_attention(q, k, v, self.temperature, self.project_out.weight)
+
+
+class FeedForward(nn.Module):
+    """Gated-Dconv feed-forward network (GDFN). ``(B,C,H,W) -> (B,C,H,W)``.
+
+    1x1 to 2*hidden, depthwise 3x3, ``gelu(first half) * second half``, 1x1 back to C.
+    """
+
+    def __init__(self, dim, expansion):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = PointwiseConv(dim, hidden * 2)
+        self.dwconv = DepthwiseConv(hidden * 2)
+        self.project_out = PointwiseConv(hidden, dim)
+
+    def forward(self, x):
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Restormer block: ``x + MDTA(LN(x))`` then ``x + GDFN(LN(x))``. Shape-preserving."""
+
+    def __init__(self, dim, heads, expansion):
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = ChannelLayerNorm(dim)
+        self.ffn = FeedForward(dim, expansion)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+def _blocks(count, dim, heads, expansion):
+    return nn.ModuleList(TransformerBlock(dim, heads, expansion) for _ in range(count))
+
+
+class CrossAttentionMerge(nn.Module):
+    """Merges the two source branches. ``(B,C,H,W), (B,C,H,W) -> (B,2C,H,W)``.
+
+    Cross attention: branch 1 is updated with the attention of branch 2's queries over branch 1's
+    keys/values, and vice versa (residual, 1x1 projections). The concatenation ``m`` then gates a
+    per-branch expansion: ``m + P1(gelu(g1) * E1(x1)) + P2(gelu(g2) * E2(x2))`` with
+    ``(g1, g2) = split(Dw(E(m)))``, E* being 1x1 to 4C followed by depthwise 3x3.
+    """
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.temperature1 = nn.Parameter(torch.ones(heads, 1, 1))
+        self.temperature2 = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv1 = PointwiseConv(dim, dim * 3)
+        self.qkv1_dwconv = DepthwiseConv(dim * 3)
+        self.qkv2 = PointwiseConv(dim, dim * 3)
+        self.qkv2_dwconv = DepthwiseConv(dim * 3)
+        self.project_mid1 = PointwiseConv(dim, dim)
+        self.project_mid2 = PointwiseConv(dim, dim)
+        self.project_E = PointwiseConv(dim * 2, dim * 8)
+        self.project_E_d = DepthwiseConv(dim * 8)
+        self.project_E1 = PointwiseConv(dim, dim * 4)
+        self.project_E1_d = DepthwiseConv(dim * 4)
+        self.project_E2 = PointwiseConv(dim, dim * 4)
+        self.project_E2_d = DepthwiseConv(dim * 4)
+        self.project_out1 = PointwiseConv(dim * 4, dim * 2)
+        self.project_out2 = PointwiseConv(dim * 4, dim * 2)
+
+    def forward(self, x1, x2):
+        q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1)).chunk(3, dim=1)
+        q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2)).chunk(3, dim=1)
+        x1 = x1 + channel_attention(q2, k1, v1, self.temperature1, self.project_mid1.weight)
+        x2 = x2 + channel_attention(q1, k2, v2, self.temperature2, self.project_mid2.weight)
+        merged = torch.cat([x1, x2], dim=1)
+        gate1, gate2 = self.project_E_d(self.project_E(merged)).chunk(2, dim=1)
+        branch1 = F.gelu(gate1) * self.project_E1_d(self.project_E1(x1))
+        branch2 = F.gelu(gate2) * self.project_E2_d(self.project_E2(x2))
+        return merged + self.project_out1(branch1) + self.project_out2(branch2)
+
+
+class ReFusion(nn.Module):
+    """Fusion module F. ``(B,2,H,W)`` in [0,1] (two Y channels) -> ``(B,1,H,W)`` in (0,1).
+
+    Per source: 3x3 conv 1->dim and ``num_blocks`` transformer blocks; cross-attention merge to
+    2*dim; ``num_blocks`` decoder blocks; 3x3 conv 2*dim->dim, LeakyReLU(0.01), 3x3 conv dim->1,
+    sigmoid. Defaults are the released configuration; attribute names follow the release so its
+    checkpoints load with ``load_state_dict`` (see ARCHITECTURE.md).
+    """
+
+    def __init__(self, dim=16, num_blocks=2, heads=8, ffn_expansion_factor=2):
+        super().__init__()
+        self.project_in_1 = Conv2d(1, dim, 3)
+        self.project_in_2 = Conv2d(1, dim, 3)
+        self.encoder1 = _blocks(num_blocks, dim, heads, ffn_expansion_factor)
+        self.encoder2 = _blocks(num_blocks, dim, heads, ffn_expansion_factor)
+        self.FM = CrossAttentionMerge(dim, heads)
+        self.decoder = _blocks(num_blocks, dim * 2, heads, ffn_expansion_factor)
+        self.project_out_0 = Conv2d(dim * 2, dim, 3)
+        self.project_out_1 = Conv2d(dim, 1, 3)
+
+    def forward(self, x):
+        x1 = self.project_in_1(x[:, :1])
+        x2 = self.project_in_2(x[:, 1:])
+        for block in self.encoder1:
+            x1 = block(x1)
+        for block in self.encoder2:
+            x2 = block(x2)
+        out = self.FM(x1, x2)
+        for block in self.decoder:
+            out = block(out)
+        out = F.leaky_relu(self.project_out_0(out), 0.01)
+        return torch.sigmoid(self.project_out_1(out)).contiguous()

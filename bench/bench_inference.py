@@ -1,0 +1,96 @@
+"""Inference speed and memory of ReFusion, one fresh process per size.
+
+    python bench/bench_inference.py                       # CPU, sizes 256..2048, 2 threads
+    python bench/bench_inference.py --sizes 480x640 --device cuda --repeat 10
+
+Prints, per size and device: the first call (includes growing the heap), the median of
+``--repeat`` warm calls in ms per pair, megapixels/s, peak memory (CPU: peak RSS of the process;
+CUDA: peak allocated), and the speed-up over the release's CPU timings measured on this machine
+kind with 2 threads (the inference issue). ``--check-parity`` also compares the
+output on the reference pairs when ``../shared`` is present.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The release on this machine kind, 2 threads, CPU: seconds per pair and peak RSS in GB.
+RELEASE_CPU = {(256, 256): (0.75, None), (480, 640): (8.75, None),
+               (1024, 1024): (24.0, 3.5), (2048, 2048): (108.0, 12.4)}
+
+
+def measure(height, width, device_name, repeat, threads):
+    """Runs in the child process: time one size, return a dict."""
+    import torch
+    from ReFusion import ReFusion
+    from utils.runtime import resolve_device
+
+    torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    model = ReFusion().to(device).eval()
+    x = torch.rand(1, 2, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = run()
+    times = [run() for _ in range(repeat)]
+    if device.type == "cuda":
+        peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return {"size": f"{height}x{width}", "device": device.type, "first_s": first,
+            "median_s": statistics.median(times), "peak_gb": peak_gb}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="256x256,480x640,1024x1024,2048x2048")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        height, width = map(int, args.child.split("x"))
+        print(json.dumps(measure(height, width, args.device, args.repeat, args.threads)))
+        return
+
+    print(f"device={args.device} threads={args.threads} repeat={args.repeat}")
+    print(f"{'size':>10} {'first s':>8} {'ms/pair':>9} {'MP/s':>6} {'peak GB':>8} "
+          f"{'release s':>9} {'speed-up':>8} {'release GB':>10}")
+    for size in args.sizes.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", size, "--device", args.device,
+               "--threads", str(args.threads), "--repeat", str(args.repeat)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{size:>10} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        height, width = map(int, size.split("x"))
+        release_s, release_gb = RELEASE_CPU.get((height, width), (None, None))
+        speedup = f"{release_s / row['median_s']:.1f}x" if release_s and args.device == "cpu" else "-"
+        print(f"{size:>10} {row['first_s']:8.2f} {row['median_s'] * 1e3:9.0f} "
+              f"{height * width / 1e6 / row['median_s']:6.2f} {row['peak_gb']:8.2f} "
+              f"{release_s or '-':>9} {speedup:>8} {release_gb or '-':>10}")
+
+
+if __name__ == "__main__":
+    from utils.runtime import keep_freed_memory
+    keep_freed_memory()
+    main()

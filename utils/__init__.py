@@ -1,0 +1,1 @@
+"""Helpers shared by test.py, train.py and the tests: images, checkpoints, devices, losses."""

@@ -22,6 +22,32 @@ import torch.nn.functional as F
 from utils.depthwise import depthwise_conv3x3
 
 CHANNELS_LAST = torch.channels_last
+STRIP_PIXELS = 1 << 15
+
+
+def in_strips(local_fn, x):
+    """``local_fn(x)`` computed in horizontal strips when no gradient is needed.
+
+    ``local_fn`` must map ``(B,C,H,W)`` to ``(B,C',H,W)`` and see at most one row above and
+    below each output row (pointwise ops and 3x3 zero-padded convolutions). Strips of about
+    ``STRIP_PIXELS`` pixels with a one-row halo give the same values as one call, but the wide
+    intermediate maps (up to 8x the input channels) only ever exist for one strip: inference
+    memory stays near the size of the input and output, and the strips stay in cache.
+    """
+    height, width = x.shape[-2:]
+    rows = max(8, STRIP_PIXELS // width)
+    if torch.is_grad_enabled() or height <= rows:
+        return local_fn(x)
+    out = None
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        first, last = max(top - 1, 0), min(bottom + 1, height)
+        strip = local_fn(x[:, :, first:last])[:, :, top - first:bottom - first]
+        if out is None:
+            out = torch.empty((x.shape[0], strip.shape[1], height, width), dtype=strip.dtype,
+                              device=strip.device, memory_format=CHANNELS_LAST)
+        out[:, :, top:bottom] = strip
+    return out
 
 
 def _release_conv_key_hook(module, state_dict, prefix, *_):
@@ -139,7 +165,8 @@ class Attention(nn.Module):
         self.project_out = PointwiseConv(dim, dim)
 
     def forward(self, x):
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        qkv = in_strips(lambda t: self.qkv_dwconv(self.qkv(t)), x)
+        q, k, v = qkv.chunk(3, dim=1)
         return channel_attention(q, k, v, self.temperature, self.project_out.weight)
 
 
@@ -173,7 +200,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        return in_strips(lambda t: t + self.ffn(self.norm2(t)), x)
 
 
 def _blocks(count, dim, heads, expansion):
@@ -209,11 +236,14 @@ class CrossAttentionMerge(nn.Module):
         self.project_out2 = PointwiseConv(dim * 4, dim * 2)
 
     def forward(self, x1, x2):
-        q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1)).chunk(3, dim=1)
-        q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2)).chunk(3, dim=1)
+        q1, k1, v1 = in_strips(lambda t: self.qkv1_dwconv(self.qkv1(t)), x1).chunk(3, dim=1)
+        q2, k2, v2 = in_strips(lambda t: self.qkv2_dwconv(self.qkv2(t)), x2).chunk(3, dim=1)
         x1 = x1 + channel_attention(q2, k1, v1, self.temperature1, self.project_mid1.weight)
         x2 = x2 + channel_attention(q1, k2, v2, self.temperature2, self.project_mid2.weight)
-        merged = torch.cat([x1, x2], dim=1)
+        return in_strips(self._expand, torch.cat([x1, x2], dim=1))
+
+    def _expand(self, merged):
+        x1, x2 = merged.chunk(2, dim=1)
         gate1, gate2 = self.project_E_d(self.project_E(merged)).chunk(2, dim=1)
         branch1 = F.gelu(gate1) * self.project_E1_d(self.project_E1(x1))
         branch2 = F.gelu(gate2) * self.project_E2_d(self.project_E2(x2))

@@ -3,8 +3,6 @@ import os
 import platform
 import sys
 
-import torch
-
 # glibc returns every large block (> 32 MiB) to the OS on free and page-faults it in again on the
 # next allocation. With feature maps of hundreds of MiB that costs more than the arithmetic (about
 # 2.5x slower inference on 2 cores). Keeping freed blocks in the heap fixes it. The variables must
@@ -40,6 +38,8 @@ class DeviceError(ValueError):
 
 def resolve_device(name="auto"):
     """``auto|cpu|cuda|mps|cuda:N`` -> ``torch.device``; ``auto`` prefers CUDA, then MPS, then CPU."""
+    import torch  # here so that keep_freed_memory() runs before torch is loaded
+
     mps_available = torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu"

@@ -1,0 +1,124 @@
+"""Fuse image pairs with a trained ReFusion model.
+
+    python test.py                                   # every task on the bundled test cases
+    python test.py --task IVIF --img1 ir/ --img2 vis/ --model my.pth --out results/
+    python test.py --task MFIF --img1 a.png --img2 b.png --device cpu
+
+Writes ``<out>/Gray/<stem>.png`` and, when a source has colour, ``<out>/RGB/<stem>.png``.
+Pairs are matched by file name without extension.
+"""
+import argparse
+import os
+import sys
+
+# -----------------------------------------------------------------------------
+# Edit these, or override them on the command line (python test.py --help).
+task = "all"          # IVIF | MIF | MFIF | MEIF | all
+path_img1 = None      # file or folder; None: test_cases/<task>/<first source folder>
+path_img2 = None      # file or folder; None: test_cases/<task>/<second source folder>
+path_model = None     # None: models/ReFusion_<task>.pth
+path_result = None    # None: test_results/<task>
+device = "auto"       # auto | cpu | cuda | mps
+# -----------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TASK_SOURCES = {"IVIF": ("infrared", "visible"), "MIF": ("CT_PET_SPECT", "MRI"),
+                "MFIF": ("near", "far"), "MEIF": ("under", "over")}
+MODEL_HINT = ("train one with train.py, or use the authors' released weights: "
+              "--model path/to/ReFusion_<TASK>.pth")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Fuse image pairs with ReFusion.")
+    parser.add_argument("--task", default=task, choices=[*TASK_SOURCES, "all"])
+    parser.add_argument("--img1", default=path_img1, help="first source: image file or folder")
+    parser.add_argument("--img2", default=path_img2, help="second source: image file or folder")
+    parser.add_argument("--model", default=path_model, help="ReFusion weights (.pth)")
+    parser.add_argument("--out", default=path_result, help="result folder")
+    parser.add_argument("--device", default=device, help="auto | cpu | cuda | mps")
+    return parser.parse_args(argv)
+
+
+def plan_jobs(args):
+    """``[(task, img1, img2, model, out)]`` with defaults filled in; checks every job up front."""
+    explicit = [args.img1, args.img2, args.model, args.out]
+    if args.task == "all":
+        if any(value is not None for value in explicit):
+            raise UsageError("--img1/--img2/--model/--out need a single --task "
+                             f"({', '.join(TASK_SOURCES)}), not 'all'")
+        tasks = list(TASK_SOURCES)
+    else:
+        tasks = [args.task]
+    jobs = []
+    for name in tasks:
+        first, second = TASK_SOURCES[name]
+        jobs.append((name,
+                     args.img1 or os.path.join(ROOT, "test_cases", name, first),
+                     args.img2 or os.path.join(ROOT, "test_cases", name, second),
+                     args.model or os.path.join(ROOT, "models", f"ReFusion_{name}.pth"),
+                     args.out or os.path.join(ROOT, "test_results", name)))
+    missing = [path for job in jobs for path in job[1:4] if not os.path.exists(path)]
+    if missing:
+        raise UsageError("not found: " + ", ".join(os.path.relpath(p) for p in missing)
+                         + (f" (models: {MODEL_HINT})" if any(p.endswith(".pth") for p in missing)
+                            else ""))
+    for name, img1, img2, _, out in jobs:
+        inputs = {os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
+                  for p in (img1, img2)}
+        outputs = {os.path.realpath(os.path.join(out, sub)) for sub in ("", "Gray", "RGB")}
+        if inputs & outputs:
+            raise UsageError(f"--out {out} would write into an input folder; choose another folder")
+    return jobs
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from ReFusion import ReFusion
+    from utils.checkpoint import load_weights
+    from utils.fuse import fuse_rgb, read_pair
+    from utils.image import pair_images, write_png
+    from utils.runtime import resolve_device
+
+    jobs = plan_jobs(args)
+    target = resolve_device(args.device)
+    for name, img1, img2, model_path, out in jobs:
+        pairs = pair_images(img1, img2)
+        model = load_weights(ReFusion(), model_path, MODEL_HINT).to(target).eval()
+        colour = 0
+        for stem, path1, path2 in tqdm(pairs, desc=name, unit="pair"):
+            grey, rgb = fuse_rgb(model, *read_pair(path1, path2), target)
+            write_png(os.path.join(out, "Gray", f"{stem}.png"), grey)
+            if rgb is not None:
+                write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
+                colour += 1
+        print(f"{name}: fused {len(pairs)} pairs ({colour} in colour) -> {out}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from utils.checkpoint import CheckpointError
+    from utils.image import ImageError
+    from utils.runtime import DeviceError
+    try:
+        run(args)
+    except (UsageError, ImageError, CheckpointError, DeviceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; fuse smaller images or use --device cuda", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    from utils.runtime import keep_freed_memory
+    keep_freed_memory()
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Loading and saving weights with clear errors, and atomic writes."""
+import os
+import tempfile
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong network (one-line message)."""
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    An interrupted save never leaves a truncated checkpoint behind.
+    """
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_checkpoint(path, hint=""):
+    """``torch.load`` on CPU with tensors only; raises ``CheckpointError`` with a one-line reason."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"model not found: {path}" + (f" ({hint})" if hint else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file or "
+                              f"corrupt ({reason[:200]})") from None
+
+
+def load_weights(network, path, hint=""):
+    """Load a state dict file into ``network`` strictly; errors name the file and what is wrong."""
+    state = read_checkpoint(path, hint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors "
+                              f"(expected the weights of {type(network).__name__})")
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        expected = set(network.state_dict())
+        missing = sorted(expected - set(state) - {k.replace(".conv.weight", ".weight") for k in state})
+        unexpected = sorted(set(state) - expected - {k for k in state if k.endswith(".conv.weight")})
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if not detail:
+            detail.append(str(error).strip().splitlines()[-1].strip()[:200])
+        raise CheckpointError(f"checkpoint {path} does not hold {type(network).__name__} weights "
+                              f"of this configuration: {'; '.join(detail)}") from None
+    return network

@@ -1,0 +1,132 @@
+"""test.py end to end on small generated pairs: outputs, and one-line errors for bad input."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from ReFusion import ReFusion
+
+spec = importlib.util.spec_from_file_location("refusion_test_script", os.path.join(ROOT, "test.py"))
+test_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(test_script)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    torch.manual_seed(0)
+    torch.save(ReFusion().state_dict(), tmp_path / "model.pth")
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "p1.png"), rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "b" / "p1.jpg"), rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "a" / "p2.bmp"), rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "b" / "p2.png"), rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    return tmp_path
+
+
+def run(workspace, *extra, img1="a", img2="b", model="model.pth", out="out"):
+    args = ["--task", "IVIF", "--device", "cpu"]
+    for flag, value in (("--img1", img1), ("--img2", img2), ("--model", model), ("--out", out)):
+        args += [flag, str(workspace / value)]
+    return test_script.main(args + list(extra))
+
+
+def test_fuses_folders_with_grey_and_colour_outputs(workspace):
+    assert run(workspace) == 0
+    grey = cv2.imread(str(workspace / "out" / "Gray" / "p1.png"), cv2.IMREAD_UNCHANGED)
+    assert grey.shape == (20, 24) and grey.dtype == np.uint8
+    assert grey.min() == 0 and grey.max() == 255  # min-max stretched
+    assert cv2.imread(str(workspace / "out" / "RGB" / "p1.png")).shape == (20, 24, 3)
+    assert os.path.exists(workspace / "out" / "Gray" / "p2.png")
+    assert not os.path.exists(workspace / "out" / "RGB" / "p2.png")  # both sources grey
+
+
+def test_single_file_pair(workspace):
+    assert run(workspace, img1="a/p2.bmp", img2="b/p2.png") == 0
+    assert os.listdir(workspace / "out" / "Gray") == ["p2.png"]
+
+
+def test_constant_sources_do_not_divide_by_zero(workspace):
+    for folder in ("a", "b"):
+        cv2.imwrite(str(workspace / folder / "p2.png" if folder == "b" else workspace / folder / "p2.bmp"),
+                    np.full((16, 16), 128, np.uint8))
+    assert run(workspace, img1="a/p2.bmp", img2="b/p2.png") == 0
+    grey = cv2.imread(str(workspace / "out" / "Gray" / "p2.png"), cv2.IMREAD_UNCHANGED)
+    assert grey.shape == (16, 16)
+
+
+def expect_error(capsys, code, *fragments):
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # earlier lines: the progress bar of pairs already fused
+    assert err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err
+    return err
+
+
+def test_missing_model(workspace, capsys):
+    expect_error(capsys, run(workspace, model="none.pth"), "none.pth", "train.py")
+
+
+def test_missing_folder(workspace, capsys):
+    expect_error(capsys, run(workspace, img2="nowhere"), "nowhere")
+
+
+def test_unpaired_files_are_listed(workspace, capsys):
+    cv2.imwrite(str(workspace / "a" / "extra.png"), np.zeros((4, 4), np.uint8))
+    expect_error(capsys, run(workspace), "unpaired", "extra")
+
+
+def test_size_mismatch_names_the_pair(workspace, capsys):
+    cv2.imwrite(str(workspace / "b" / "p2.png"), np.zeros((17, 16), np.uint8))
+    expect_error(capsys, run(workspace), "size mismatch", "p2.bmp", "p2.png")
+
+
+def test_unreadable_image(workspace, capsys):
+    (workspace / "b" / "p2.png").write_bytes(b"garbage")
+    expect_error(capsys, run(workspace), "cannot read image", "p2.png")
+
+
+def test_corrupt_checkpoint(workspace, capsys):
+    (workspace / "model.pth").write_bytes(b"\x00" * 64)
+    expect_error(capsys, run(workspace), "cannot read checkpoint", "model.pth")
+
+
+def test_checkpoint_of_another_network(workspace, capsys):
+    torch.save({"weight": torch.zeros(3)}, workspace / "model.pth")
+    expect_error(capsys, run(workspace), "model.pth", "does not hold ReFusion weights")
+
+
+def test_refuses_to_write_into_an_input_folder(workspace, capsys):
+    before = sorted(os.listdir(workspace / "a"))
+    expect_error(capsys, run(workspace, out="a"), "input folder")
+    expect_error(capsys, run(workspace, out="a/Gray/.."), "input folder")
+    assert sorted(os.listdir(workspace / "a")) == before
+
+
+def test_all_tasks_with_explicit_paths_is_refused(capsys):
+    expect_error(capsys, test_script.main(["--img1", "x"]), "single --task")
+
+
+def test_unknown_device(workspace, capsys):
+    expect_error(capsys, run(workspace, "--device", "tpu"), "unknown device")
+
+
+def test_default_run_says_what_is_missing_without_traceback(tmp_path):
+    """A fresh copy of test.py alone: no bundled models or test cases next to it."""
+    os.symlink(os.path.join(ROOT, "ReFusion.py"), tmp_path / "ReFusion.py")
+    os.symlink(os.path.join(ROOT, "utils"), tmp_path / "utils")
+    (tmp_path / "test.py").write_text(open(os.path.join(ROOT, "test.py")).read())
+    result = subprocess.run([sys.executable, "test.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "models/ReFusion_IVIF.pth" in result.stderr and "test_cases/IVIF/infrared" in result.stderr

@@ -1,0 +1,114 @@
+"""Shapes, strip-wise inference, functional_call and checkpoint formats of ReFusion."""
+import pytest
+import torch
+from torch.func import functional_call
+
+import ReFusion as refusion_module
+from conftest import needs_reference, release_weights
+from ReFusion import ReFusion
+from utils.checkpoint import CheckpointError, load_weights, save_atomic
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    model = ReFusion().eval()
+    with torch.no_grad():  # non-trivial norms/temperatures so every parameter matters
+        for name, p in model.named_parameters():
+            if "norm" in name or "temperature" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (17, 33), (64, 48)])
+def test_any_size_gives_one_channel_in_unit_range(size):
+    x = torch.rand(2, 2, *size)
+    with torch.no_grad():
+        y = random_model()(x)
+    assert y.shape == (2, 1, *size)
+    assert torch.isfinite(y).all() and (y > 0).all() and (y < 1).all()
+
+
+def test_batch_items_are_independent():
+    model, x = random_model(), torch.rand(3, 2, 20, 24)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-6)
+
+
+def test_strips_give_the_same_result_as_one_pass(monkeypatch):
+    model, x = random_model(), torch.rand(1, 2, 75, 40)
+    with torch.enable_grad():
+        whole = model(x).detach()  # gradient mode never uses strips
+    monkeypatch.setattr(refusion_module, "STRIP_PIXELS", 40 * 9)  # 9-row strips, uneven last strip
+    with torch.no_grad():
+        strips = model(x)
+    assert torch.allclose(whole, strips, atol=1e-6)
+
+
+def test_functional_call_uses_substituted_parameters():
+    model, other, x = random_model(0), random_model(1), torch.rand(1, 2, 16, 16)
+    params = dict(other.named_parameters())
+    with torch.no_grad():
+        substituted = functional_call(model, params, (x,))
+        assert torch.equal(substituted, other(x))
+        assert not torch.allclose(substituted, model(x))
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model, x = random_model(), torch.rand(1, 2, 12, 12)
+    path = tmp_path / "ReFusion.pth"
+    save_atomic(model.state_dict(), str(path))
+    state = torch.load(path)
+    assert len(state) == sum(1 for _ in model.parameters())  # one key per parameter
+    loaded = load_weights(ReFusion(), str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def release_style_state(model):
+    """The release's layout: every conv weight also stored under x.conv.weight."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            state[f"{name}.conv.weight"] = state[f"{name}.weight"].clone()
+    return state
+
+
+def test_release_layout_loads_strictly_and_agrees():
+    model = random_model()
+    state = release_style_state(model)
+    assert len(state) == 140
+    fresh = ReFusion()
+    fresh.load_state_dict(state)  # strict by default
+    x = torch.rand(1, 2, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_release_layout_with_disagreeing_duplicate_is_refused():
+    state = release_style_state(random_model())
+    state["project_in_1.conv.weight"] += 1
+    with pytest.raises(RuntimeError, match="disagree"):
+        ReFusion().load_state_dict(state)
+
+
+@needs_reference
+def test_released_checkpoint_has_140_keys_and_loads():
+    state = torch.load(release_weights("IVIF"), map_location="cpu")
+    assert len(state) == 140
+    ReFusion().load_state_dict(state)
+
+
+def test_corrupt_and_wrong_checkpoints_give_clear_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*corrupt.pth"):
+        load_weights(ReFusion(), str(corrupt))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(ReFusion(dim=8).state_dict(), wrong)
+    with pytest.raises(CheckpointError, match="wrong.pth does not hold ReFusion weights"):
+        load_weights(ReFusion(), str(wrong))
+    missing = tmp_path / "nothing.pth"
+    with pytest.raises(CheckpointError, match="model not found"):
+        load_weights(ReFusion(), str(missing))

@@ -250,7 +250,31 @@ class CrossAttentionMerge(nn.Module):
         return merged + self.project_out1(branch1) + self.project_out2(branch2)
 
 
-class ReFusion(nn.Module):
+class _SourceEncoders(nn.Module):
+    """Per source: 3x3 conv stem 1->dim and ``num_blocks`` transformer blocks.
+
+    ``(B,2,H,W) -> (B,dim,H,W), (B,dim,H,W)``. Shared by F and P (same attribute names as the
+    release, so checkpoint keys match).
+    """
+
+    def __init__(self, dim, num_blocks, heads, expansion):
+        super().__init__()
+        self.project_in_1 = Conv2d(1, dim, 3)
+        self.project_in_2 = Conv2d(1, dim, 3)
+        self.encoder1 = _blocks(num_blocks, dim, heads, expansion)
+        self.encoder2 = _blocks(num_blocks, dim, heads, expansion)
+
+    def encode(self, x):
+        x1 = self.project_in_1(x[:, :1])
+        x2 = self.project_in_2(x[:, 1:])
+        for block in self.encoder1:
+            x1 = block(x1)
+        for block in self.encoder2:
+            x2 = block(x2)
+        return x1, x2
+
+
+class ReFusion(_SourceEncoders):
     """Fusion module F. ``(B,2,H,W)`` in [0,1] (two Y channels) -> ``(B,1,H,W)`` in (0,1).
 
     Per source: 3x3 conv 1->dim and ``num_blocks`` transformer blocks; cross-attention merge to
@@ -260,25 +284,61 @@ class ReFusion(nn.Module):
     """
 
     def __init__(self, dim=16, num_blocks=2, heads=8, ffn_expansion_factor=2):
-        super().__init__()
-        self.project_in_1 = Conv2d(1, dim, 3)
-        self.project_in_2 = Conv2d(1, dim, 3)
-        self.encoder1 = _blocks(num_blocks, dim, heads, ffn_expansion_factor)
-        self.encoder2 = _blocks(num_blocks, dim, heads, ffn_expansion_factor)
+        super().__init__(dim, num_blocks, heads, ffn_expansion_factor)
         self.FM = CrossAttentionMerge(dim, heads)
         self.decoder = _blocks(num_blocks, dim * 2, heads, ffn_expansion_factor)
         self.project_out_0 = Conv2d(dim * 2, dim, 3)
         self.project_out_1 = Conv2d(dim, 1, 3)
 
     def forward(self, x):
-        x1 = self.project_in_1(x[:, :1])
-        x2 = self.project_in_2(x[:, 1:])
-        for block in self.encoder1:
-            x1 = block(x1)
-        for block in self.encoder2:
-            x2 = block(x2)
-        out = self.FM(x1, x2)
+        out = self.FM(*self.encode(x))
         for block in self.decoder:
             out = block(out)
         out = F.leaky_relu(self.project_out_0(out), 0.01)
         return torch.sigmoid(self.project_out_1(out)).contiguous()
+
+
+class LPN(_SourceEncoders):
+    """Loss proposal module P. ``(B,2,H,W)`` -> ``(w_int, w_grad)``, each ``(B,2,H,W)``.
+
+    Per source: 3x3 stem and ``num_blocks`` blocks; concatenation; ``num_blocks`` blocks at 2*dim;
+    3x3 conv 2*dim->dim, PReLU, 3x3 conv dim->4. Channels 0-1 and 2-3 each go through a softmax
+    over the two sources, so at every pixel ``w[:,0] + w[:,1] = 1``.
+    """
+
+    def __init__(self, dim=16, num_blocks=2, heads=8, ffn_expansion_factor=2):
+        super().__init__(dim, num_blocks, heads, ffn_expansion_factor)
+        self.decoder = _blocks(num_blocks, dim * 2, heads, ffn_expansion_factor)
+        self.project_out_0 = Conv2d(dim * 2, dim, 3)
+        self.act = nn.PReLU()
+        self.project_out_1 = Conv2d(dim, 4, 3)
+
+    def forward(self, x):
+        out = torch.cat(self.encode(x), dim=1)
+        for block in self.decoder:
+            out = block(out)
+        logits = self.project_out_1(self.act(self.project_out_0(out))).contiguous()
+        return torch.softmax(logits[:, :2], dim=1), torch.softmax(logits[:, 2:], dim=1)
+
+
+class ReN(nn.Module):
+    """Reconstruction module R. Fused ``(B,1,H,W)`` -> both sources ``(B,2,H,W)`` in (0,1).
+
+    Deliberately light (3x3 stem 1->dim, ``num_blocks`` blocks, 3x3 conv dim->dim, PReLU,
+    3x3 conv dim->2, sigmoid): R must not be able to reconstruct the sources from a fused image
+    that dropped their content, or its loss would stop rewarding F for keeping it.
+    """
+
+    def __init__(self, dim=16, num_blocks=2, heads=8, ffn_expansion_factor=2):
+        super().__init__()
+        self.project_in = Conv2d(1, dim, 3)
+        self.blocks = _blocks(num_blocks, dim, heads, ffn_expansion_factor)
+        self.project_out_0 = Conv2d(dim, dim, 3)
+        self.act = nn.PReLU()
+        self.project_out_1 = Conv2d(dim, 2, 3)
+
+    def forward(self, fused):
+        out = self.project_in(fused)
+        for block in self.blocks:
+            out = block(out)
+        return torch.sigmoid(self.project_out_1(self.act(self.project_out_0(out)))).contiguous()

@@ -1,0 +1,96 @@
+"""Second-order meta-gradient of P, stage 2 and input exchange."""
+import torch
+
+from ReFusion import LPN, ReFusion, ReN
+from utils.losses import fusion_loss, gradient_map, reconstruction_loss
+from utils.meta import (LossWeights, apply_normalised_step, exchange, fusion_step, lpn_meta_gradient,
+                        meta_outer_loss, params, reconstruction_targets)
+
+
+def tiny_networks(dtype=torch.float64):
+    torch.manual_seed(0)
+    nets = [cls(dim=4, num_blocks=1, heads=2).to(dtype) for cls in (ReFusion, ReN, LPN)]
+    return nets
+
+
+def batches(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(2, 2, 8, 8, generator=g, dtype=dtype),
+            torch.rand(2, 2, 8, 8, generator=g, dtype=dtype))
+
+
+def test_lpn_meta_gradient_matches_finite_difference():
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    weights, alpha = LossWeights(fusion_grad=0.5), 0.5  # large alpha: a strong second-order path
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
+    base = {k: v.detach() for k, v in params(lpn).items()}
+    direction = {k: torch.randn_like(v) for k, v in base.items()}
+    analytic = sum((g * direction[k]).sum() for k, g in zip(base, grads))
+
+    def loss_at(t):
+        moved = {k: (base[k] + t * direction[k]).requires_grad_() for k in base}
+        return meta_outer_loss(fusion, recon, lpn, moved, inner, outer, alpha, weights).detach()
+
+    eps = 1e-5
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert abs(analytic) > 1e-8
+    assert abs(analytic - numeric) <= 1e-4 * abs(numeric)
+
+
+def test_meta_gradient_is_only_the_reconstruction_signal():
+    """Zero step size: F' = F, so the outer loss no longer depends on P at all."""
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, 0.0, LossWeights())
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_normalised_lpn_step_moves_the_largest_gradient_by_lr():
+    _, _, lpn = tiny_networks()
+    before = [p.detach().clone() for p in lpn.parameters()]
+    grads = [torch.randn_like(p) for p in lpn.parameters()]
+    apply_normalised_step(lpn, grads, lr=0.1)
+    moves = [(b - p.detach()).abs().max() for b, p in zip(before, lpn.parameters())]
+    assert torch.isclose(max(moves), torch.tensor(0.1, dtype=moves[0].dtype))
+
+
+def test_stage_two_updates_f_and_r_but_not_lpn():
+    fusion, recon, lpn = tiny_networks(torch.float32)
+    inner, _ = batches(torch.float32)
+    snapshot = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
+                (("F", fusion), ("R", recon), ("P", lpn))}
+    opt_f = torch.optim.Adam(fusion.parameters(), 1e-3)
+    opt_r = torch.optim.Adam(recon.parameters(), 1e-3)
+    loss_f, loss_r = fusion_step(fusion, recon, lpn, inner, LossWeights(), opt_f, opt_r)
+    assert loss_f > 0 and loss_r > 0
+    assert all(torch.equal(v, snapshot["P"][k]) for k, v in lpn.state_dict().items())
+    assert all(p.grad is None for p in lpn.parameters())
+    for name, module in (("F", fusion), ("R", recon)):
+        assert any(not torch.equal(v, snapshot[name][k]) for k, v in module.state_dict().items())
+
+
+def test_input_exchange_swaps_inputs_but_keeps_targets():
+    batch = torch.rand(3, 2, 4, 4)
+    inputs, targets = exchange(batch), reconstruction_targets(batch)
+    assert torch.equal(inputs[:3], batch)
+    assert torch.equal(inputs[3:, 0], batch[:, 1]) and torch.equal(inputs[3:, 1], batch[:, 0])
+    assert torch.equal(targets[:3], batch) and torch.equal(targets[3:], batch)
+
+
+def test_gradient_map_of_a_vertical_edge():
+    image = torch.zeros(1, 1, 5, 5)
+    image[..., 2:] = 1
+    grad = gradient_map(image)[0, 0]
+    assert torch.equal(grad[1:4, :4], torch.tensor([[0., 4, 4, 0]]).expand(3, 4))  # Sobel_x = 4 at the step
+    assert grad[0, 2] == 6  # top row: plus |Sobel_y| = 2 from the zero padding
+
+
+def test_losses_by_hand():
+    sources = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3).contiguous()
+    fused = torch.full((1, 1, 3, 3), 0.25)
+    w = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
+    intensity_only = fusion_loss(sources, fused, w, w, c_int=1.0, c_grad=0.0)
+    assert torch.isclose(intensity_only, torch.tensor((0.5 * 0.25) ** 2 + (0.5 * 0.75) ** 2))
+    recon = torch.stack([torch.full((3, 3), 0.5), torch.full((3, 3), 0.9)])[None]
+    assert torch.isclose(reconstruction_loss(sources, recon, c_grad=0.0), torch.tensor(0.25))

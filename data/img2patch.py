@@ -1,0 +1,113 @@
+"""Cut registered image pairs into training patches stored in one .h5 file.
+
+    python data/img2patch.py --img1 ../shared/datasets/IVIF/train/ir --img2 ../shared/datasets/IVIF/train/vi \
+        --out data/IVIF_train.h5 --patch_size 128 --stride 64
+
+Output: datasets ``img1`` and ``img2`` (uint8, N x 1 x P x P, Y channel of each source) and
+attributes ``source1``, ``source2``, ``patch_size``, ``stride``, ``count``, ``images``, ``dropped``.
+Patches whose 10th-90th percentile range is under 10% of 0-255 in either source are dropped.
+"""
+import argparse
+import os
+import sys
+
+# -----------------------------------------------------------------------------
+# Edit these, or override them on the command line (python data/img2patch.py --help).
+path_img1 = "../shared/datasets/IVIF/train/ir"
+path_img2 = "../shared/datasets/IVIF/train/vi"
+path_out = "data/IVIF_train.h5"
+patch_size = 128
+stride = 64
+# -----------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def patches(image, size, step):
+    """All ``size x size`` windows of a 2-D array at ``step`` pixels: ``(n, size, size)``."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    return sliding_window_view(image, (size, size))[::step, ::step].reshape(-1, size, size)
+
+
+def low_contrast(patch_stack):
+    """Per patch: True if the 10th-90th percentile range is under 10% of the uint8 range."""
+    from skimage.exposure import is_low_contrast
+    return [is_low_contrast(p, fraction_threshold=0.1, lower_percentile=10, upper_percentile=90)
+            for p in patch_stack]
+
+
+def build(img1, img2, out, size, step):
+    import h5py
+    import numpy as np
+    from tqdm import tqdm
+
+    from utils.data import y_channel_uint8
+    from utils.fuse import read_pair
+    from utils.image import pair_images
+
+    if size < 8 or step < 1:
+        raise ValueError(f"--patch_size must be >= 8 and --stride >= 1 (got {size}, {step})")
+    for folder in (img1, img2):
+        if not os.path.isdir(folder):
+            raise ValueError(f"folder not found: {folder}")
+    pairs = pair_images(img1, img2)
+    if not pairs:
+        raise ValueError(f"no image pairs in {img1} and {img2}")
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists; delete it or choose another --out")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    temporary = out + ".partial"
+    kept = dropped = used = 0
+    with h5py.File(temporary, "w") as store:
+        sets = [store.create_dataset(name, (0, 1, size, size), maxshape=(None, 1, size, size),
+                                     dtype="uint8", chunks=(64, 1, size, size), compression="gzip")
+                for name in ("img1", "img2")]
+        for stem, path1, path2 in tqdm(pairs, desc="patches", unit="pair"):
+            read_pair(path1, path2)  # same size check and message as test.py
+            first, second = y_channel_uint8(path1), y_channel_uint8(path2)
+            if min(first.shape) < size:
+                tqdm.write(f"warning: {stem} is {first.shape[1]}x{first.shape[0]}, smaller than a "
+                           f"{size}px patch; skipped")
+                continue
+            used += 1
+            cuts1, cuts2 = patches(first, size, step), patches(second, size, step)
+            keep = ~(np.array(low_contrast(cuts1)) | np.array(low_contrast(cuts2)))
+            dropped += int((~keep).sum())
+            for dataset, cuts in zip(sets, (cuts1[keep], cuts2[keep])):
+                dataset.resize(kept + len(cuts), axis=0)
+                dataset[kept:] = cuts[:, None]
+            kept += int(keep.sum())
+        store.attrs.update({"source1": os.path.abspath(img1), "source2": os.path.abspath(img2),
+                            "patch_size": size, "stride": step, "count": kept, "images": used,
+                            "dropped": dropped})
+    if kept == 0:
+        os.remove(temporary)
+        raise ValueError("no patches kept (images too small or all low-contrast)")
+    os.replace(temporary, out)
+    print(f"{kept} patch pairs from {used} image pairs ({dropped} low-contrast dropped) -> {out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Cut registered pairs into h5 training patches.")
+    parser.add_argument("--img1", default=path_img1)
+    parser.add_argument("--img2", default=path_img2)
+    parser.add_argument("--out", default=path_out)
+    parser.add_argument("--patch_size", type=int, default=patch_size)
+    parser.add_argument("--stride", type=int, default=stride)
+    args = parser.parse_args(argv)
+    from utils.image import ImageError
+    try:
+        build(args.img1, args.img2, args.out, args.patch_size, args.stride)
+    except (ValueError, ImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        if os.path.exists(args.out + ".partial"):
+            os.remove(args.out + ".partial")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""img2patch -> train.py -> test.py end to end, resume equals an uninterrupted run, errors."""
+import importlib.util
+import os
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def load_script(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+img2patch = load_script("refusion_img2patch", "data/img2patch.py")
+train_script = load_script("refusion_train", "train.py")
+test_script = load_script("refusion_test_script_t", "test.py")
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (root / folder).mkdir()
+    yy, xx = np.mgrid[0:48, 0:56]
+    for i in range(3):
+        scene = 127 + 100 * np.sin(xx / (3 + i)) * np.cos(yy / 5)
+        cv2.imwrite(str(root / "a" / f"s{i}.png"), np.clip(scene + rng.normal(0, 5, scene.shape), 0, 255).astype(np.uint8))
+        cv2.imwrite(str(root / "b" / f"s{i}.png"), np.clip(255 - scene, 0, 255).astype(np.uint8))
+    cv2.imwrite(str(root / "a" / "small.png"), np.zeros((20, 20), np.uint8))
+    cv2.imwrite(str(root / "b" / "small.png"), np.zeros((20, 20), np.uint8))
+    out = root / "train.h5"
+    assert img2patch.main(["--img1", str(root / "a"), "--img2", str(root / "b"), "--out", str(out),
+                           "--patch_size", "32", "--stride", "12"]) == 0
+    return root, out
+
+
+def test_img2patch_layout(patches, capsys):
+    root, out = patches
+    with h5py.File(out) as store:
+        assert store["img1"].dtype == np.uint8 and store["img1"].shape[1:] == (1, 32, 32)
+        assert store["img1"].shape == store["img2"].shape
+        assert store.attrs["count"] == len(store["img1"]) == 3 * 2 * 3  # 3 images x 2 rows x 3 columns
+        assert store.attrs["patch_size"] == 32 and store.attrs["stride"] == 12
+        assert store.attrs["images"] == 3  # the 20x20 pair is skipped
+    assert img2patch.main(["--img1", str(root / "a"), "--img2", str(root / "b"), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err  # never overwrites
+
+
+def test_img2patch_errors(tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert img2patch.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
+                           "--out", str(tmp_path / "x.h5")]) == 1
+    assert "no image" in capsys.readouterr().err
+    cv2.imwrite(str(tmp_path / "a" / "p.png"), np.zeros((40, 40), np.uint8))
+    cv2.imwrite(str(tmp_path / "b" / "q.png"), np.zeros((40, 40), np.uint8))
+    assert img2patch.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
+                           "--out", str(tmp_path / "x.h5")]) == 1
+    assert "unpaired" in capsys.readouterr().err
+
+
+TINY = ["--epochs", "2", "--batch_size", "2", "--max_meta_step", "3", "--accumulation_steps", "2",
+        "--max_fusion_steps", "4", "--crop", "24", "--lr", "1e-3", "--lr_step", "1", "--device", "cpu"]
+
+
+def weights(run_dir):
+    return {name: torch.load(os.path.join(run_dir, f"{name}.pth")) for name in ("ReFusion", "LPN", "ReN")}
+
+
+def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch):
+    _, data = patches
+    args = TINY + ["--data", str(data)]
+    full_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "full")])
+    assert finished
+    files = set(os.listdir(full_dir))
+    assert {"config.json", "log.csv", "checkpoint.pt", "ReFusion.pth", "LPN.pth", "ReN.pth",
+            "ReFusion_epoch1.pth", "ReFusion_epoch2.pth"} <= files
+    assert len(open(os.path.join(full_dir, "log.csv")).read().strip().splitlines()) == 3
+
+    # the trained weights fuse with test.py
+    pair_dir = tmp_path / "pair"
+    pair_dir.mkdir()
+    cv2.imwrite(str(pair_dir / "a.png"), np.full((16, 16), 30, np.uint8))
+    cv2.imwrite(str(pair_dir / "b.png"), np.full((16, 16), 200, np.uint8))
+    assert test_script.main(["--task", "MEIF", "--img1", str(pair_dir / "a.png"), "--img2",
+                             str(pair_dir / "b.png"), "--model", os.path.join(full_dir, "ReFusion.pth"),
+                             "--out", str(tmp_path / "fused")]) == 0
+
+    # interrupted in epoch 2 during stage 1 (after the first of two accumulated pairs), then resumed
+    from utils import meta
+    calls = {"n": 0}
+    original = meta.lpn_meta_gradient
+
+    def interrupt_later(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2, first meta pair done -> Ctrl-C
+            trainer_holder["trainer"].stop_requested = True
+        return original(*a, **k)
+
+    trainer_holder = {}
+    original_init = train_script.Trainer.__init__
+
+    def remember(self, *a, **k):
+        original_init(self, *a, **k)
+        trainer_holder["trainer"] = self
+
+    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
+    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_later)
+    part_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
+    assert not finished
+    state = torch.load(os.path.join(part_dir, "checkpoint.pt"), weights_only=True)
+    assert (state["epoch"], state["stage"], state["step"]) == (1, "meta", 1)
+    assert state["lpn_grads"] is not None  # mid-accumulation gradients are kept
+    monkeypatch.setattr(meta, "lpn_meta_gradient", original)
+    resumed_dir, finished = train_script.train(["--resume", os.path.join(part_dir, "checkpoint.pt")])
+    assert finished and resumed_dir == part_dir
+    full, resumed = weights(full_dir), weights(part_dir)
+    for name in full:
+        assert all(torch.equal(full[name][k], resumed[name][k]) for k in full[name]), name
+    assert open(os.path.join(full_dir, "log.csv")).read().split("\n")[0] == \
+        open(os.path.join(part_dir, "log.csv")).read().split("\n")[0]
+
+
+def test_train_errors(tmp_path, capsys):
+    assert train_script.main(["--data", str(tmp_path / "none.h5"), "--exp_dir", str(tmp_path)]) == 1
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "bad.h5").write_bytes(b"nope")
+    assert train_script.main(["--data", str(tmp_path / "bad.h5"), "--exp_dir", str(tmp_path)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    assert train_script.main(["--resume", str(tmp_path / "bad.pt")]) == 1
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert train_script.main(["--preset", "gpu-farm"]) == 1
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_release_folder_layout(tmp_path):
+    from utils.data import load_pairs
+    for i in (1, 2, 10):
+        (tmp_path / str(i)).mkdir()
+        for j in (1, 2):
+            cv2.imwrite(str(tmp_path / str(i) / f"img_{j}.png"), np.full((8, 8, 3), i * 10 + j, np.uint8))
+    pairs = load_pairs(str(tmp_path))
+    assert pairs.shape == (3, 2, 8, 8) and pairs.dtype == torch.uint8
+    assert pairs[2, 1, 0, 0] == 102  # numeric order: 1, 2, 10

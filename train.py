@@ -1,0 +1,285 @@
+"""Train ReFusion: loss learning (P, second order) and fusion learning (F, R), alternating per epoch.
+
+    python train.py                                           # the config block below
+    python train.py --data data/IVIF_train.h5 --task IVIF --preset cpu
+    python train.py --resume exp/20261124_181500/checkpoint.pt
+
+Every key of the config block is a flag (``--key value``). Each run writes
+``<exp_dir>/<YYYYmmdd_HHMMSS>/``: config.json, log.csv, ReFusion.pth / LPN.pth / ReN.pth
+(latest, plus ``*_epoch<N>.pth``) and checkpoint.pt (everything needed to resume bit for bit).
+Ctrl-C finishes the current step, saves checkpoint.pt and exits.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+# -----------------------------------------------------------------------------
+# Edit these, or override any of them with --key value. Defaults: the release's schedule.
+data = "data/IVIF_train.h5"   # .h5 from data/img2patch.py, or a folder of <n>/img_1.png, img_2.png
+task = "IVIF"                 # recorded in config.json; IVIF | MIF | MFIF | MEIF
+epochs = 50
+batch_size = 2
+lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
+lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
+lr_gamma = 0.1
+max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
+accumulation_steps = 2        # stage 1: outer batches per update of P
+max_fusion_steps = 0          # stage 2: batches per epoch (0: one full pass)
+crop = 0                      # random crop of each batch to crop x crop (0: whole patches)
+c_int = 1.0                   # fusion loss: intensity weight
+c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1)/epochs
+recon_c_int = 1.0             # reconstruction loss weights
+recon_c_grad = 1.0
+device = "auto"               # auto | cpu | cuda | mps
+threads = 0                   # CPU threads (0: PyTorch's default)
+seed = 0
+exp_dir = "exp"
+resume = ""                   # path to a checkpoint.pt to continue
+preset = ""                   # "cpu": a usable model in about an hour on 2 cores (see README)
+# -----------------------------------------------------------------------------
+
+CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k not in
+               ("argparse", "json", "os", "signal", "sys", "time")]
+PRESETS = {"cpu": {"epochs": 4, "crop": 64, "max_meta_step": 60, "max_fusion_steps": 300,
+                   "lr": 1e-3, "lr_step": 3, "batch_size": 2}}
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+
+class TrainError(ValueError):
+    pass
+
+
+def parse_config(argv):
+    defaults = {k: globals()[k] for k in CONFIG_KEYS}
+    parser = argparse.ArgumentParser(description="Train ReFusion.")
+    for key, value in defaults.items():
+        parser.add_argument(f"--{key}", type=type(value), default=None)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    config = dict(defaults)
+    preset_name = given.get("preset", config["preset"])
+    if preset_name:
+        if preset_name not in PRESETS:
+            raise TrainError(f"unknown preset '{preset_name}': choose from {', '.join(PRESETS)}")
+        config.update(PRESETS[preset_name])
+    config.update(given)
+    return config
+
+
+def lr_at(config, epoch):
+    return config["lr"] * config["lr_gamma"] ** (epoch // config["lr_step"])
+
+
+class Trainer:
+    """Networks, optimisers, data and the position in the schedule; saves and restores all of it."""
+
+    def __init__(self, config, run_dir):
+        import torch
+
+        from ReFusion import LPN, ReFusion, ReN
+        from utils.data import load_pairs
+        from utils.runtime import resolve_device
+
+        self.config, self.run_dir = config, run_dir
+        self.device = resolve_device(config["device"])
+        if config["threads"] > 0:
+            torch.set_num_threads(config["threads"])
+        self.pairs = load_pairs(config["data"])
+        if len(self.pairs) < 2 * config["batch_size"]:
+            raise TrainError(f"{config['data']} holds {len(self.pairs)} pairs; need at least "
+                             f"{2 * config['batch_size']} for batch size {config['batch_size']}")
+        torch.manual_seed(config["seed"])
+        self.fusion, self.recon, self.lpn = (net().to(self.device) for net in (ReFusion, ReN, LPN))
+        self.opt_fusion = torch.optim.Adam(self.fusion.parameters(), lr=config["lr"])
+        self.opt_recon = torch.optim.Adam(self.recon.parameters(), lr=config["lr"])
+        self.crop_rng = torch.Generator().manual_seed(config["seed"])
+        self.epoch, self.stage, self.step = 0, "meta", 0
+        self.lpn_grads = None  # accumulated stage-1 gradients of P
+        self.sums = {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+        self.stop_requested = False
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self):
+        import torch
+        return {"config": self.config, "epoch": self.epoch, "stage": self.stage, "step": self.step,
+                "fusion": self.fusion.state_dict(), "recon": self.recon.state_dict(),
+                "lpn": self.lpn.state_dict(), "opt_fusion": self.opt_fusion.state_dict(),
+                "opt_recon": self.opt_recon.state_dict(), "lpn_grads": self.lpn_grads,
+                "sums": self.sums, "crop_rng": self.crop_rng.get_state(),
+                "torch_rng": torch.get_rng_state()}
+
+    def save_checkpoint(self):
+        from utils.checkpoint import save_atomic
+        save_atomic(self.state(), os.path.join(self.run_dir, "checkpoint.pt"))
+
+    def restore(self, state):
+        import torch
+        self.epoch, self.stage, self.step = state["epoch"], state["stage"], state["step"]
+        for name in ("fusion", "recon", "lpn", "opt_fusion", "opt_recon"):
+            getattr(self, name).load_state_dict(state[name])
+        self.lpn_grads = state["lpn_grads"]
+        self.sums = state["sums"]
+        self.crop_rng.set_state(state["crop_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_weights(self):
+        from utils.checkpoint import save_atomic
+        for name, net in (("ReFusion", self.fusion), ("LPN", self.lpn), ("ReN", self.recon)):
+            weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            save_atomic(weights, os.path.join(self.run_dir, f"{name}_epoch{self.epoch + 1}.pth"))
+            save_atomic(weights, os.path.join(self.run_dir, f"{name}.pth"))
+
+    # -- the schedule ------------------------------------------------------------------------
+    def batch(self, indices):
+        from utils.data import make_batch
+        return make_batch(self.pairs, indices, self.config["crop"], self.crop_rng, self.device)
+
+    def loss_weights(self):
+        from utils.meta import LossWeights
+        c = self.config
+        return LossWeights(c["c_int"], c["c_grad"] * (self.epoch + 1) / c["epochs"],
+                           c["recon_c_int"], c["recon_c_grad"])
+
+    def run(self):
+        from tqdm import tqdm
+
+        from utils.data import epoch_batches
+        from utils.meta import apply_normalised_step, fusion_step, lpn_meta_gradient
+
+        c = self.config
+        while self.epoch < c["epochs"]:
+            started = time.time()
+            rate = lr_at(c, self.epoch)
+            for optimiser in (self.opt_fusion, self.opt_recon):
+                for group in optimiser.param_groups:
+                    group["lr"] = rate
+            batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
+            weights = self.loss_weights()
+            meta_steps = min(c["max_meta_step"], len(batches) - 1)
+            fusion_steps = len(batches) if c["max_fusion_steps"] <= 0 else min(c["max_fusion_steps"], len(batches))
+            if self.stage == "meta":
+                bar = tqdm(range(self.step, meta_steps), desc=f"epoch {self.epoch + 1} loss learning",
+                           unit="pair", initial=self.step, total=meta_steps)
+                for k in bar:
+                    if self.stop_requested:
+                        return False
+                    loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
+                                                    self.batch(batches[k]), self.batch(batches[k + 1]),
+                                                    rate, weights)
+                    self.lpn_grads = grads if self.lpn_grads is None else [
+                        a + g for a, g in zip(self.lpn_grads, grads)]
+                    if (k + 1) % c["accumulation_steps"] == 0 or k + 1 == meta_steps:
+                        apply_normalised_step(self.lpn, self.lpn_grads, rate)
+                        self.lpn_grads = None
+                    self.sums["meta"] += loss.item()
+                    self.sums["meta_n"] += 1
+                    self.step = k + 1
+                    bar.set_postfix(outer=f"{self.sums['meta'] / self.sums['meta_n']:.4f}")
+                self.stage, self.step = "fusion", 0
+            bar = tqdm(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
+                       unit="batch", initial=self.step, total=fusion_steps)
+            for k in bar:
+                if self.stop_requested:
+                    return False
+                loss_f, loss_r = fusion_step(self.fusion, self.recon, self.lpn, self.batch(batches[k]),
+                                             weights, self.opt_fusion, self.opt_recon)
+                self.sums["fusion"] += loss_f
+                self.sums["recon"] += loss_r
+                self.sums["fusion_n"] += 1
+                self.step = k + 1
+                bar.set_postfix(fusion=f"{self.sums['fusion'] / self.sums['fusion_n']:.4f}",
+                                recon=f"{self.sums['recon'] / self.sums['fusion_n']:.4f}")
+            self.finish_epoch(rate, time.time() - started)
+        return True
+
+    def finish_epoch(self, rate, seconds):
+        s = self.sums
+        row = [self.epoch + 1, s["meta"] / max(s["meta_n"], 1), s["fusion"] / max(s["fusion_n"], 1),
+               s["recon"] / max(s["fusion_n"], 1), rate, round(seconds, 1)]
+        log = os.path.join(self.run_dir, "log.csv")
+        new = not os.path.exists(log)
+        with open(log, "a") as stream:
+            if new:
+                stream.write("epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds\n")
+            stream.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+        self.save_weights()
+        self.epoch, self.stage, self.step = self.epoch + 1, "meta", 0
+        self.sums = {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+        self.save_checkpoint()
+
+
+def new_run_dir(exp_dir):
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    path, n = os.path.join(exp_dir, stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(exp_dir, f"{stamp}_{n}")
+    os.makedirs(path)
+    return path
+
+
+def train(argv):
+    """Run training; returns (run_dir, finished)."""
+    from utils.checkpoint import read_checkpoint
+
+    config = parse_config(argv)
+    state = None
+    if config["resume"]:
+        state = read_checkpoint(config["resume"])
+        if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
+            raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
+        run_dir = os.path.dirname(os.path.abspath(config["resume"]))
+        overrides = {k: config[k] for k in ("device", "threads")}
+        config = {**state["config"], **overrides, "resume": config["resume"]}
+    else:
+        run_dir = new_run_dir(config["exp_dir"])
+    trainer = Trainer(config, run_dir)
+    if state is not None:
+        trainer.restore(state)
+        print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, {trainer.stage} step {trainer.step}")
+    else:
+        with open(os.path.join(run_dir, "config.json"), "w") as stream:
+            json.dump(config, stream, indent=2)
+        print(f"run folder: {run_dir}")
+
+    def request_stop(*_):
+        trainer.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        finished = trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not finished:
+        trainer.save_checkpoint()
+        print(f"saved {os.path.join(run_dir, 'checkpoint.pt')}; continue with "
+              f"python train.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
+    else:
+        print(f"done: {os.path.join(run_dir, 'ReFusion.pth')}")
+    return run_dir, finished
+
+
+def main(argv=None):
+    from utils.checkpoint import CheckpointError
+    from utils.data import DataError
+    from utils.runtime import DeviceError
+    try:
+        _, finished = train(sys.argv[1:] if argv is None else argv)
+    except (TrainError, DataError, CheckpointError, DeviceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("aborted; the last checkpoint.pt (end of the previous epoch) is intact", file=sys.stderr)
+        return 130
+    return 0 if finished else 130
+
+
+if __name__ == "__main__":
+    from utils.runtime import keep_freed_memory
+    keep_freed_memory()
+    sys.exit(main())

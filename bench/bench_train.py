@@ -1,0 +1,94 @@
+"""Training speed on CPU (or --device cuda): the pieces of one ReFusion training step.
+
+    python bench/bench_train.py                  # 2 threads, batch 2 pairs (4 after exchange), 128x128
+
+Rows: F forward+backward; F forward + double backward (the second-order path of stage 1);
+one whole stage-1 meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam
+steps). Seconds are medians over --repeat runs after one warm-up; peak RSS is for the process.
+The release's figures on this machine kind (2 threads, same input) are printed next to ours.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RELEASE_S = {"F forward+backward": 1.5, "F forward+double backward": 6.15, "meta pair (stage 1)": 10.0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=2, help="batch size before input exchange")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import torch
+
+    from ReFusion import LPN, ReFusion, ReN
+    from utils.meta import LossWeights, exchange, fusion_step, lpn_meta_gradient
+    from utils.losses import fusion_loss
+    from utils.runtime import resolve_device
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    fusion, recon, lpn = (net().to(device) for net in (ReFusion, ReN, LPN))
+    batch = torch.rand(args.pairs, 2, args.size, args.size, device=device)
+    outer = torch.rand(args.pairs, 2, args.size, args.size, device=device)
+    inputs = exchange(batch)
+    weights = LossWeights()
+    with torch.no_grad():
+        w_int, w_grad = lpn(inputs)
+    opt_f = torch.optim.Adam(fusion.parameters(), 1e-4)
+    opt_r = torch.optim.Adam(recon.parameters(), 1e-4)
+
+    def forward_backward():
+        fusion_loss(inputs, fusion(inputs), w_int, w_grad).backward()
+
+    def forward_double_backward():
+        loss = fusion_loss(inputs, fusion(inputs), w_int, w_grad)
+        grads = torch.autograd.grad(loss, list(fusion.parameters()), create_graph=True)
+        sum((g * g).sum() for g in grads).backward()
+
+    def meta_pair():
+        lpn_meta_gradient(fusion, recon, lpn, batch, outer, 1e-4, weights)
+
+    def stage_two():
+        fusion_step(fusion, recon, lpn, batch, weights, opt_f, opt_r)
+
+    print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
+          f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
+    print(f"{'piece':>28} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
+    for name, fn in (("F forward+backward", forward_backward),
+                     ("F forward+double backward", forward_double_backward),
+                     ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two)):
+        fn()
+        times = []
+        for _ in range(args.repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        fusion.zero_grad(set_to_none=True)
+        median = statistics.median(times)
+        release = RELEASE_S.get(name)
+        ratio = f"{release / median:.1f}x" if release and device.type == "cpu" and args.size == 128 \
+            and args.pairs == 2 else "-"
+        print(f"{name:>28} {median:8.2f} {release or '-':>10} {ratio:>9}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+
+
+if __name__ == "__main__":
+    from utils.runtime import keep_freed_memory
+    keep_freed_memory()
+    main()

@@ -81,7 +81,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     assert finished
     files = set(os.listdir(full_dir))
     assert {"config.json", "log.csv", "checkpoint.pt", "ReFusion.pth", "LPN.pth", "ReN.pth",
-            "ReFusion_epoch1.pth", "ReFusion_epoch2.pth"} <= files
+            "ReFusion_epoch1.pth", "ReFusion_epoch2.pth", "samples_epoch2.png"} <= files
     assert len(open(os.path.join(full_dir, "log.csv")).read().strip().splitlines()) == 3
 
     # the trained weights fuse with test.py

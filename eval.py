@@ -65,12 +65,12 @@ def main(argv=None):
     parser.add_argument("--fused", required=True, help="folder of fused images")
     parser.add_argument("--csv", help="also write the per-image and mean rows here")
     args = parser.parse_args(argv)
-    from utils.image import ImageError
-    try:
-        rows = score_folders(args.img1, args.img2, args.fused)
-    except ImageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    from utils.errors import run_script
+    return run_script(lambda: report(args))
+
+
+def report(args):
+    rows = score_folders(args.img1, args.img2, args.fused)
     print(format_table(rows))
     if args.csv:
         with open(args.csv, "w", newline="") as stream:
@@ -79,7 +79,6 @@ def main(argv=None):
             writer.writerow(["image", *names])
             for stem, row in rows + [("mean", mean_row(rows))]:
                 writer.writerow([stem, *(f"{row[n]:.6f}" for n in names)])
-    return 0
 
 
 if __name__ == "__main__":

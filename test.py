@@ -28,7 +28,10 @@ MODEL_HINT = ("train one with train.py, or use the authors' released weights: "
               "--model path/to/ReFusion_<TASK>.pth")
 
 
-class UsageError(ValueError):
+from utils.errors import UserError, run_script  # noqa: E402 (stdlib-only import, before torch)
+
+
+class UsageError(UserError):
     pass
 
 
@@ -101,21 +104,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from utils.checkpoint import CheckpointError
-    from utils.image import ImageError
-    from utils.runtime import DeviceError
-    try:
-        run(args)
-    except (UsageError, ImageError, CheckpointError, DeviceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("error: out of memory; fuse smaller images or use --device cuda", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_script(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 
-class TrainError(ValueError):
+from utils.errors import UserError, run_script  # noqa: E402
+
+
+class TrainError(UserError):
     pass
 
 
@@ -280,18 +283,10 @@ def train(argv):
 
 
 def main(argv=None):
-    from utils.checkpoint import CheckpointError
-    from utils.data import DataError
-    from utils.runtime import DeviceError
-    try:
+    def action():
         _, finished = train(sys.argv[1:] if argv is None else argv)
-    except (TrainError, DataError, CheckpointError, DeviceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("aborted; the last checkpoint.pt (end of the previous epoch) is intact", file=sys.stderr)
-        return 130
-    return 0 if finished else 130
+        return 0 if finished else 130
+    return run_script(action, "aborted; the last checkpoint.pt (end of the previous epoch) is intact")
 
 
 if __name__ == "__main__":

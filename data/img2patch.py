@@ -42,19 +42,20 @@ def build(img1, img2, out, size, step):
     from tqdm import tqdm
 
     from utils.data import y_channel_uint8
+    from utils.errors import UserError
     from utils.fuse import read_pair
     from utils.image import pair_images
 
     if size < 8 or step < 1:
-        raise ValueError(f"--patch_size must be >= 8 and --stride >= 1 (got {size}, {step})")
+        raise UserError(f"--patch_size must be >= 8 and --stride >= 1 (got {size}, {step})")
     for folder in (img1, img2):
         if not os.path.isdir(folder):
-            raise ValueError(f"folder not found: {folder}")
+            raise UserError(f"folder not found: {folder}")
     pairs = pair_images(img1, img2)
     if not pairs:
-        raise ValueError(f"no image pairs in {img1} and {img2}")
+        raise UserError(f"no image pairs in {img1} and {img2}")
     if os.path.exists(out):
-        raise ValueError(f"{out} exists; delete it or choose another --out")
+        raise UserError(f"{out} exists; delete it or choose another --out")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     temporary = out + ".partial"
     kept = dropped = used = 0
@@ -82,7 +83,7 @@ def build(img1, img2, out, size, step):
                             "dropped": dropped})
     if kept == 0:
         os.remove(temporary)
-        raise ValueError("no patches kept (images too small or all low-contrast)")
+        raise UserError("no patches kept (images too small or all low-contrast)")
     os.replace(temporary, out)
     print(f"{kept} patch pairs from {used} image pairs ({dropped} low-contrast dropped) -> {out}")
 
@@ -95,18 +96,13 @@ def main(argv=None):
     parser.add_argument("--patch_size", type=int, default=patch_size)
     parser.add_argument("--stride", type=int, default=stride)
     args = parser.parse_args(argv)
-    from utils.image import ImageError
+    from utils.errors import run_script
     try:
-        build(args.img1, args.img2, args.out, args.patch_size, args.stride)
-    except (ValueError, ImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
+        return run_script(lambda: build(args.img1, args.img2, args.out, args.patch_size, args.stride),
+                          "interrupted; no output written")
+    finally:
         if os.path.exists(args.out + ".partial"):
             os.remove(args.out + ".partial")
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ import tempfile
 
 import torch
 
+from utils.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or of the wrong network (one-line message)."""
 
 

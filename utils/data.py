@@ -10,10 +10,11 @@ import h5py
 import numpy as np
 import torch
 
-from utils.image import ImageError, read_rgb, to_ycrcb
+from utils.errors import UserError
+from utils.image import read_rgb, to_ycrcb
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A training data set that is missing or malformed (one-line message)."""
 
 
@@ -58,10 +59,7 @@ def load_pairs(path):
     """``(N,2,P,P)`` uint8 from an ``.h5`` file or a release-layout folder."""
     if not os.path.exists(path):
         raise DataError(f"training data not found: {path} (make an .h5 with data/img2patch.py)")
-    try:
-        pairs = load_release_folders(path) if os.path.isdir(path) else load_h5(path)
-    except ImageError as error:
-        raise DataError(str(error)) from None
+    pairs = load_release_folders(path) if os.path.isdir(path) else load_h5(path)
     if len(pairs) == 0:
         raise DataError(f"{path} holds no pairs")
     return pairs

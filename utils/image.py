@@ -10,10 +10,12 @@ import tempfile
 import cv2
 import numpy as np
 
+from utils.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """A user-facing problem with an input or output image (one-line message)."""
 
 

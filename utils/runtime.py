@@ -3,6 +3,8 @@ import os
 import platform
 import sys
 
+from utils.errors import UserError
+
 # glibc returns every large block (> 32 MiB) to the OS on free and page-faults it in again on the
 # next allocation. With feature maps of hundreds of MiB that costs more than the arithmetic (about
 # 2.5x slower inference on 2 cores). Keeping freed blocks in the heap fixes it. The variables must
@@ -32,7 +34,7 @@ def keep_freed_memory():
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     pass
 
 

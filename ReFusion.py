@@ -122,6 +122,23 @@ class ChannelLayerNorm(nn.Module):
         return self.body(nhwc).permute(0, 3, 1, 2)
 
 
+class _RowMajor(torch.autograd.Function):
+    """``x.contiguous()`` (NCHW) whose gradient goes back channels-last, the layout of the
+    convolutions upstream (a plain ``.contiguous()`` would hand them NCHW gradients to convert)."""
+
+    @staticmethod
+    def forward(x):
+        return x.contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=CHANNELS_LAST)
+
+
 def channel_attention(q, k, v, temperature, projection):
     """Multi-head transposed attention with the output projection folded in.
 
@@ -143,7 +160,8 @@ def channel_attention(q, k, v, temperature, projection):
     per_head = channels // heads
 
     def head_rows(t):  # (B, heads, c, HW), unit rows
-        return F.normalize(t.contiguous().view(batch, heads, per_head, height * width), dim=-1)
+        rows = _RowMajor.apply(t) if torch.is_grad_enabled() else t.contiguous()
+        return F.normalize(rows.view(batch, heads, per_head, height * width), dim=-1)
 
     attn = torch.softmax(head_rows(q) @ head_rows(k).transpose(-2, -1) * temperature, dim=-1)
     proj = projection.flatten(1).view(-1, heads, per_head)  # (Cout, heads, c_q)

@@ -160,7 +160,7 @@ def channel_attention(q, k, v, temperature, projection):
     per_head = channels // heads
 
     def head_rows(t):  # (B, heads, c, HW), unit rows
-        rows = _RowMajor.apply(t) if torch.is_grad_enabled() else t.contiguous()
+        rows = _RowMajor.apply(t) if t.requires_grad else t.contiguous()
         return F.normalize(rows.view(batch, heads, per_head, height * width), dim=-1)
 
     attn = torch.softmax(head_rows(q) @ head_rows(k).transpose(-2, -1) * temperature, dim=-1)

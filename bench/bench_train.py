@@ -2,9 +2,9 @@
 
     python bench/bench_train.py                  # 2 threads, batch 2 pairs (4 after exchange), 128x128
 
-Rows: F forward+backward; F forward + double backward (the second-order path of stage 1);
-one whole stage-1 meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam
-steps). Seconds are medians over --repeat runs after one warm-up; peak RSS is for the process.
+Rows: F forward+backward; F forward + double backward (the release's second-order path); F's
+forward-mode Jacobian-vector product (the second-order path of utils/meta.py); one whole stage-1
+meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds are medians over --repeat runs after one warm-up; peak RSS is for the process.
 The release's figures on this machine kind (2 threads, same input) are printed next to ours.
 """
 import argparse
@@ -57,6 +57,12 @@ def main():
         grads = torch.autograd.grad(loss, list(fusion.parameters()), create_graph=True)
         sum((g * g).sum() for g in grads).backward()
 
+    point = {k: v.detach() for k, v in fusion.named_parameters()}
+    direction = {k: torch.randn_like(v) for k, v in point.items()}
+
+    def forward_jvp():
+        torch.func.jvp(lambda p: torch.func.functional_call(fusion, p, (inputs,)), (point,), (direction,))
+
     def meta_pair():
         lpn_meta_gradient(fusion, recon, lpn, batch, outer, 1e-4, weights)
 
@@ -68,6 +74,7 @@ def main():
     print(f"{'piece':>28} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
     for name, fn in (("F forward+backward", forward_backward),
                      ("F forward+double backward", forward_double_backward),
+                     ("F forward-mode JVP", forward_jvp),
                      ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two)):
         fn()
         times = []

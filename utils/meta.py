@@ -2,14 +2,19 @@
 
 F (fusion), R (reconstruction) and P (loss proposal, LPN) are ordinary modules. A virtual step
 is a dict of new tensors ``{name: theta - alpha * grad}`` that F or R is called with; nothing is
-copied into shadow modules. Batches are ``(B,2,H,W)`` source pairs (A, B) in [0,1].
+copied into shadow modules. P's second-order gradient uses a forward-mode product
+(``torch.func.jvp``) of F instead of a double backward. Batches are ``(B,2,H,W)`` source pairs (A, B) in [0,1].
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
 from utils.losses import fusion_loss, reconstruction_loss
+
+# torch.func.jvp scripts a helper inside PyTorch itself; its deprecation notice is not ours to fix.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -35,20 +40,10 @@ def params(module):
     return dict(module.named_parameters())
 
 
-def virtual_step(parameters, loss, alpha, keep_graph):
-    """``{name: p - alpha * dloss/dp}``; with ``keep_graph`` the result stays differentiable
-    with respect to whatever ``loss`` depends on (second-order meta-gradient)."""
-    grads = torch.autograd.grad(loss, list(parameters.values()), create_graph=keep_graph)
-    return {name: p - alpha * g for (name, p), g in zip(parameters.items(), grads)}
-
-
-def fusion_objective(fusion, lpn, fusion_params, lpn_params, batch, weights):
-    """``L_f`` of F on the exchanged batch under P's weights. Returns (loss, fused)."""
-    inputs = exchange(batch)
-    w_int, w_grad = functional_call(lpn, lpn_params, (inputs,))
-    fused = functional_call(fusion, fusion_params, (inputs,))
-    loss = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
-    return loss, fused
+def virtual_step(parameters, loss, alpha):
+    """``{name: p - alpha * dloss/dp}`` as new tensors (no graph); the module is untouched."""
+    grads = torch.autograd.grad(loss, list(parameters.values()))
+    return {name: (p - alpha * g).detach() for (name, p), g in zip(parameters.items(), grads)}
 
 
 def reconstruction_objective(recon, recon_params, fused, batch, weights):
@@ -58,29 +53,69 @@ def reconstruction_objective(recon, recon_params, fused, batch, weights):
                                weights.recon_int, weights.recon_grad)
 
 
-def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, alpha, weights):
-    """Stage-1 objective as a function of P's parameters ``lpn_params``.
+def inner_steps(fusion, recon, lpn, lpn_params, batch, alpha, weights):
+    """The inner half of a stage-1 pair: virtual steps of F (under P's loss) and of R.
 
-    Inner (``inner_batch``): a virtual SGD step of F under P's loss, kept in the graph so that
-    ``theta_F'`` depends on ``lpn_params``, and a virtual step of R on ``L_r(R(F(x).detach()))``.
-    Outer (``outer_batch``, new data): ``L_r(R'(F'(x)))``. Its gradient with respect to
-    ``lpn_params`` is the (second-order) signal P learns from; P gets no gradient from the
-    inner fusion loss itself.
+    Returns ``(inputs, fused, w_int, w_grad, fusion_after, recon_after)``: the exchanged batch,
+    F's output (no graph), P's weights (graph to ``lpn_params``) and the stepped parameters of F
+    and R as plain tensors.
     """
-    fusion_params, recon_params = params(fusion), params(recon)
-    inner_loss, fused = fusion_objective(fusion, lpn, fusion_params, lpn_params, inner_batch, weights)
-    fusion_after = virtual_step(fusion_params, inner_loss, alpha, keep_graph=True)
-    recon_loss = reconstruction_objective(recon, recon_params, fused.detach(), inner_batch, weights)
-    recon_after = {k: v.detach() for k, v in virtual_step(recon_params, recon_loss, alpha, False).items()}
-    fused_outer = functional_call(fusion, fusion_after, (exchange(outer_batch),))
-    return reconstruction_objective(recon, recon_after, fused_outer, outer_batch, weights)
+    fusion_params = params(fusion)
+    inputs = exchange(batch)
+    w_int, w_grad = functional_call(lpn, lpn_params, (inputs,))
+    fused = functional_call(fusion, fusion_params, (inputs,))
+    inner_loss = fusion_loss(inputs, fused, w_int.detach(), w_grad.detach(),
+                             weights.fusion_int, weights.fusion_grad)
+    fusion_after = virtual_step(fusion_params, inner_loss, alpha)
+    recon_params = params(recon)
+    recon_loss = reconstruction_objective(recon, recon_params, fused.detach(), batch, weights)
+    recon_after = virtual_step(recon_params, recon_loss, alpha)
+    return inputs, fused.detach(), w_int, w_grad, fusion_after, recon_after
+
+
+def outer_objective(fusion, recon, fusion_after, recon_after, batch, weights):
+    """``L_r(R'(F'(x)))`` on the outer batch, targets (A,B)."""
+    fused = functional_call(fusion, fusion_after, (exchange(batch),))
+    return reconstruction_objective(recon, recon_after, fused, batch, weights)
+
+
+def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, alpha, weights):
+    """The stage-1 objective as a function of P's parameters (value only).
+
+    Inner batch: F steps ``theta_F' = theta_F - alpha * dL_f/dtheta_F`` under the loss that P
+    proposes (so theta_F' depends on P), R steps on ``L_r(R(F(x).detach()))``. Outer batch (new
+    data): ``L_r(R'(F'(x)))``. ``lpn_meta_gradient`` returns its exact gradient.
+    """
+    *_, fusion_after, recon_after = inner_steps(fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
+    return outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
 
 
 def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weights):
-    """(outer loss, gradients with respect to P's parameters, in ``lpn.parameters()`` order)."""
+    """(outer loss, exact gradient of ``meta_outer_loss`` with respect to P's parameters).
+
+    P only reaches the outer loss through ``theta_F'``. With ``v = dL_out/dtheta_F'`` and
+    ``dL_f/dtheta_F = J^T g(w)`` (J: Jacobian of F's output, g: the loss's gradient with respect
+    to that output, which is where P's weights w enter),
+    ``dL_out/dphi = -alpha * d/dphi <J v, g(w(phi))>``. ``J v`` is one forward-mode product
+    (``torch.func.jvp``), so the second-order term costs a forward pass of F instead of a
+    double backward through it. P learns only from this reconstruction signal.
+    """
     lpn_params = params(lpn)
-    loss = meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, alpha, weights)
-    return loss.detach(), torch.autograd.grad(loss, list(lpn_params.values()))
+    inputs, fused, w_int, w_grad, fusion_after, recon_after = inner_steps(
+        fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
+    fusion_after = {k: v.requires_grad_() for k, v in fusion_after.items()}
+    outer = outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
+    direction = torch.autograd.grad(outer, list(fusion_after.values()))
+    point = {k: v.detach() for k, v in params(fusion).items()}
+    _, output_tangent = torch.func.jvp(lambda p: functional_call(fusion, p, (inputs,)),
+                                       (point,), (dict(zip(point, direction)),))
+    fused = fused.requires_grad_()
+    inner_loss = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+    loss_gradient = torch.autograd.grad(inner_loss, fused, create_graph=True)[0]
+    coupling = -alpha * (loss_gradient * output_tangent).sum()
+    grads = torch.autograd.grad(coupling, list(lpn_params.values()), allow_unused=True)
+    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(lpn_params.values(), grads))
+    return outer.detach(), grads
 
 
 @torch.no_grad()

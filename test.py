@@ -65,17 +65,19 @@ def plan_jobs(args):
                      args.model or os.path.join(ROOT, "models", f"ReFusion_{name}.pth"),
                      args.out or os.path.join(ROOT, "test_results", name)))
     missing = [path for job in jobs for path in job[1:4] if not os.path.exists(path)]
-    if missing:
+    untrained = [job for job in jobs if job[3] in missing]
+    ready = [job for job in jobs if not set(job[1:4]) & set(missing)]
+    # with every task requested, fuse what can be fused and list the tasks without a model
+    if missing and not (args.task == "all" and ready and len(ready) + len(untrained) == len(jobs)):
         raise UsageError("not found: " + ", ".join(os.path.relpath(p) for p in missing)
-                         + (f" (models: {MODEL_HINT})" if any(p.endswith(".pth") for p in missing)
-                            else ""))
+                         + (f" (models: {MODEL_HINT})" if untrained else ""))
     for name, img1, img2, _, out in jobs:
         inputs = {os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
                   for p in (img1, img2)}
         outputs = {os.path.realpath(os.path.join(out, sub)) for sub in ("", "Gray", "RGB")}
         if inputs & outputs:
             raise UsageError(f"--out {out} would write into an input folder; choose another folder")
-    return jobs
+    return ready, [job[0] for job in untrained]
 
 
 def run(args):
@@ -87,7 +89,7 @@ def run(args):
     from utils.image import pair_images, write_png
     from utils.runtime import resolve_device
 
-    jobs = plan_jobs(args)
+    jobs, untrained = plan_jobs(args)
     target = resolve_device(args.device)
     for name, img1, img2, model_path, out in jobs:
         pairs = pair_images(img1, img2)
@@ -100,6 +102,9 @@ def run(args):
                 write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
                 colour += 1
         print(f"{name}: fused {len(pairs)} pairs ({colour} in colour) -> {out}")
+    if untrained:
+        models = ", ".join(os.path.relpath(os.path.join(ROOT, "models", f"ReFusion_{t}.pth")) for t in untrained)
+        raise UsageError(f"no model for {', '.join(untrained)}: {models} not found ({MODEL_HINT})")
 
 
 def main(argv=None):

@@ -121,6 +121,27 @@ def test_unknown_device(workspace, capsys):
     expect_error(capsys, run(workspace, "--device", "tpu"), "unknown device")
 
 
+def test_all_tasks_fuses_those_with_a_model_and_names_the_others(tmp_path):
+    """A copy of the project with test cases for every task but a model for IVIF only."""
+    os.symlink(os.path.join(ROOT, "ReFusion.py"), tmp_path / "ReFusion.py")
+    os.symlink(os.path.join(ROOT, "utils"), tmp_path / "utils")
+    (tmp_path / "test.py").write_text(open(os.path.join(ROOT, "test.py")).read())
+    rng = np.random.default_rng(0)
+    for task, (first, second) in test_script.TASK_SOURCES.items():
+        for folder in (first, second):
+            os.makedirs(tmp_path / "test_cases" / task / folder)
+            cv2.imwrite(str(tmp_path / "test_cases" / task / folder / "x.png"),
+                        rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    os.makedirs(tmp_path / "models")
+    torch.save(ReFusion().state_dict(), tmp_path / "models" / "ReFusion_IVIF.pth")
+    result = subprocess.run([sys.executable, "test.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert os.path.exists(tmp_path / "test_results" / "IVIF" / "Gray" / "x.png")
+    assert not os.path.exists(tmp_path / "test_results" / "MIF")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no model for MIF, MFIF, MEIF")
+
+
 def test_default_run_says_what_is_missing_without_traceback(tmp_path):
     """A fresh copy of test.py alone: no bundled models or test cases next to it."""
     os.symlink(os.path.join(ROOT, "ReFusion.py"), tmp_path / "ReFusion.py")

@@ -113,9 +113,7 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     inner_loss = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
     loss_gradient = torch.autograd.grad(inner_loss, fused, create_graph=True)[0]
     coupling = -alpha * (loss_gradient * output_tangent).sum()
-    grads = torch.autograd.grad(coupling, list(lpn_params.values()), allow_unused=True)
-    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(lpn_params.values(), grads))
-    return outer.detach(), grads
+    return outer.detach(), torch.autograd.grad(coupling, list(lpn_params.values()))
 
 
 @torch.no_grad()

@@ -24,9 +24,11 @@ SHOWN = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
 
 
 def fuse(task, img1, img2, model, out):
-    subprocess.run([sys.executable, os.path.join(ROOT, "test.py"), "--task", task, "--img1", img1,
-                    "--img2", img2, "--model", model, "--out", out], check=True,
-                   stdout=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "test.py"), "--task", task,
+                             "--img1", img1, "--img2", img2, "--model", model, "--out", out],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"test.py failed for {task} with {model}: {result.stderr.strip().splitlines()[-1]}")
 
 
 def limited_copy(folder, stems, target):

@@ -1,8 +1,9 @@
 """Loading and saving weights with clear errors, and atomic writes."""
 import os
-import tempfile
 
 import torch
+
+from utils.atomic import write_atomic
 
 from utils.errors import UserError
 
@@ -12,21 +13,8 @@ class CheckpointError(UserError):
 
 
 def save_atomic(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    An interrupted save never leaves a truncated checkpoint behind.
-    """
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """``torch.save`` that never leaves a truncated checkpoint behind (see ``utils.atomic``)."""
+    write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
 def read_checkpoint(path, hint=""):

@@ -5,11 +5,11 @@ YCrCb with OpenCV; the networks see Y/255. Chroma comes from the colour source, 
 through the release's weighting rule (``fuse_chroma``).
 """
 import os
-import tempfile
 
 import cv2
 import numpy as np
 
+from utils.atomic import write_atomic
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -102,22 +102,12 @@ def colourise(grey255, chroma):
 
 def write_png(path, image):
     """Write a uint8 grey ``(H,W)`` or RGB ``(H,W,3)`` PNG atomically (temp file + rename)."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise ImageError(f"cannot encode {path}")
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(encoded.tobytes())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomic(path, encoded.tofile)
 
 
 def list_images(folder):

@@ -6,8 +6,8 @@
 Prints, per size and device: the first call (includes growing the heap), the median of
 ``--repeat`` warm calls in ms per pair, megapixels/s, peak memory (CPU: peak RSS of the process;
 CUDA: peak allocated), and the speed-up over the release's CPU timings measured on this machine
-kind with 2 threads (the inference issue). ``--check-parity`` also compares the
-output on the reference pairs when ``../shared`` is present.
+kind with 2 threads (the inference issue). Output equality with the release is what
+tests/test_parity.py checks; this script only times the same code path.
 """
 import argparse
 import json

@@ -113,6 +113,12 @@ def test_refuses_to_write_into_an_input_folder(workspace, capsys):
     assert sorted(os.listdir(workspace / "a")) == before
 
 
+def test_output_path_that_is_a_file(workspace, capsys):
+    (workspace / "taken").write_text("a file, not a folder")
+    expect_error(capsys, run(workspace, out="taken"), "taken")
+    assert (workspace / "taken").read_text() == "a file, not a folder"
+
+
 def test_all_tasks_with_explicit_paths_is_refused(capsys):
     expect_error(capsys, test_script.main(["--img1", "x"]), "single --task")
 

@@ -73,6 +73,11 @@ def parse_config(argv):
     return config
 
 
+def empty_sums():
+    """Running loss totals of the current epoch (kept in checkpoint.pt)."""
+    return {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+
+
 def lr_at(config, epoch):
     return config["lr"] * config["lr_gamma"] ** (epoch // config["lr_step"])
 
@@ -102,7 +107,7 @@ class Trainer:
         self.crop_rng = torch.Generator().manual_seed(config["seed"])
         self.epoch, self.stage, self.step = 0, "meta", 0
         self.lpn_grads = None  # accumulated stage-1 gradients of P
-        self.sums = {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+        self.sums = empty_sums()
         self.stop_requested = False
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -225,7 +230,7 @@ class Trainer:
         self.save_weights()
         self.save_samples()
         self.epoch, self.stage, self.step = self.epoch + 1, "meta", 0
-        self.sums = {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+        self.sums = empty_sums()
         self.save_checkpoint()
 
 

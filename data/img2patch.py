@@ -64,8 +64,7 @@ def build(img1, img2, out, size, step):
                                      dtype="uint8", chunks=(64, 1, size, size), compression="gzip")
                 for name in ("img1", "img2")]
         for stem, path1, path2 in tqdm(pairs, desc="patches", unit="pair"):
-            read_pair(path1, path2)  # same size check and message as test.py
-            first, second = y_channel_uint8(path1), y_channel_uint8(path2)
+            first, second = map(y_channel_uint8, read_pair(path1, path2))  # size check as test.py
             if min(first.shape) < size:
                 tqdm.write(f"warning: {stem} is {first.shape[1]}x{first.shape[0]}, smaller than a "
                            f"{size}px patch; skipped")

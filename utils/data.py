@@ -18,8 +18,9 @@ class DataError(UserError):
     """A training data set that is missing or malformed (one-line message)."""
 
 
-def y_channel_uint8(path):
-    return np.round(to_ycrcb(read_rgb(path))[..., 0]).astype(np.uint8)
+def y_channel_uint8(rgb):
+    """RGB float32 [0,255] -> rounded Y channel as uint8 ``(H,W)``."""
+    return np.round(to_ycrcb(rgb)[..., 0]).astype(np.uint8)
 
 
 def load_h5(path):
@@ -44,7 +45,7 @@ def load_release_folders(root):
         paths = [os.path.join(root, name, f"img_{i}.png") for i in (1, 2)]
         if not all(os.path.isfile(p) for p in paths):
             raise DataError(f"{os.path.join(root, name)} lacks img_1.png / img_2.png")
-        pair = [y_channel_uint8(p) for p in paths]
+        pair = [y_channel_uint8(read_rgb(p)) for p in paths]
         if pair[0].shape != pair[1].shape:
             raise DataError(f"size mismatch in {os.path.join(root, name)}")
         pairs.append(np.stack(pair))
@@ -65,14 +66,9 @@ def load_pairs(path):
     return pairs
 
 
-def epoch_order(count, seed, epoch):
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(count, generator=generator)
-
-
 def epoch_batches(count, batch_size, seed, epoch):
     """Index tensors of the epoch's full batches (a last incomplete batch is dropped)."""
-    order = epoch_order(count, seed, epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
 
 

@@ -127,9 +127,9 @@ def apply_normalised_step(lpn, grads, lr):
 def fusion_step(fusion, recon, lpn, batch, weights, fusion_optimizer, recon_optimizer):
     """Stage 2: an optimiser step of F on ``L_f`` (P's weights fixed), then of R on
     ``L_r(R(F(x).detach()))``. Returns the two losses as floats."""
-    with torch.no_grad():
-        w_int, w_grad = lpn(exchange(batch))
     inputs = exchange(batch)
+    with torch.no_grad():
+        w_int, w_grad = lpn(inputs)
     fused = fusion(inputs)
     loss_f = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
     fusion_optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,120 @@
+"""Ship a finished training run as models/ReFusion_<TASK>.pth with its record models/<TASK>.json.
+
+    python bench/ship_model.py --run exp/MIF/20261124_170514 \
+        --command "python train.py --data data/MIF_train.h5 --task MIF --preset cpu --seed 0"
+
+The record holds the exact commands (as given), the run's config, the h5 attributes of its data,
+step counts, per-epoch wall time and losses (log.csv), and the machine. A run that has not
+finished every epoch is refused. bench/quality_report.py adds the "quality" entry afterwards;
+shipping new weights drops a stale one.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from utils.errors import UserError, run_script  # noqa: E402
+
+
+def sha256(path):
+    with open(path, "rb") as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
+
+
+def data_attributes(data_path):
+    """The h5's recorded sources, patch size, stride and counts; for a folder dataset, its path."""
+    if os.path.isdir(data_path):
+        return {"folder": data_path}
+    import h5py
+    with h5py.File(data_path, "r") as h5:
+        attributes = {key: value.item() if hasattr(value, "item") else value
+                      for key, value in h5.attrs.items()}
+    for key in ("source1", "source2"):
+        if key in attributes and os.path.isabs(attributes[key]):
+            attributes[key] = os.path.relpath(attributes[key], ROOT)
+    return attributes
+
+
+def ship(args):
+    import torch
+    from ReFusion import ReFusion
+    from utils.atomic import write_atomic
+    from utils.checkpoint import load_weights
+
+    run = args.run.rstrip("/")
+    config_path, log_path = os.path.join(run, "config.json"), os.path.join(run, "log.csv")
+    weights = os.path.join(run, "ReFusion.pth")
+    for path in (config_path, log_path, weights):
+        if not os.path.exists(path):
+            raise UserError(f"{path} not found; --run must be a folder written by train.py")
+    config = json.load(open(config_path))
+    log = list(csv.DictReader(open(log_path)))
+    if len(log) < config["epochs"]:
+        raise UserError(f"{run} finished {len(log)} of {config['epochs']} epochs; resume it first")
+    task = config["task"]
+    load_weights(ReFusion(), weights)  # refuses a broken file before anything is replaced
+
+    target = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
+    record_path = os.path.join(ROOT, "models", f"{task}.json")
+    if os.path.exists(target) and sha256(target) != sha256(weights) and not args.force:
+        raise UserError(f"{os.path.relpath(target)} exists and differs; add --force to replace it")
+    previous = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    same_weights = previous.get("weights_sha256") == sha256(weights)
+
+    data_path = config["data"] if os.path.isabs(config["data"]) else os.path.join(ROOT, config["data"])
+    data = data_attributes(data_path)
+    fusion_steps = config["max_fusion_steps"]
+    if "count" in data:  # as train.py: full batches of one pass, capped by max_fusion_steps
+        full_pass = data["count"] // config["batch_size"]
+        fusion_steps = full_pass if fusion_steps <= 0 else min(fusion_steps, full_pass)
+    seconds = [float(row["seconds"]) for row in log]
+    record = {
+        "task": task,
+        "weights_sha256": sha256(weights),
+        "commands": args.command,
+        "note": args.note,
+        "initialised_from": f"random (seed {config['seed']}); never from released weights",
+        "data": {"path": config["data"], **data, "split": "train only"},
+        "config": config,
+        "steps": {"epochs": config["epochs"], "meta_pairs_per_epoch": config["max_meta_step"],
+                  "fusion_steps_per_epoch": fusion_steps,
+                  "total_meta_pairs": config["epochs"] * config["max_meta_step"],
+                  "total_fusion_steps": config["epochs"] * fusion_steps},
+        "wall_time_s": {"per_epoch": seconds, "sum": round(sum(seconds), 1)},
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "final_losses": {key: float(value) for key, value in log[-1].items()
+                         if key in ("meta_outer_loss", "fusion_loss", "recon_loss")},
+        "per_epoch_log": log,
+    }
+    if same_weights and "quality" in previous:
+        record["quality"] = previous["quality"]
+    write_atomic(target, lambda temporary: shutil.copyfile(weights, temporary))
+    def write_record(temporary):
+        with open(temporary, "w") as stream:
+            json.dump(record, stream, indent=2)
+
+    write_atomic(record_path, write_record)
+    print(f"{os.path.relpath(target)} and {os.path.relpath(record_path)} written "
+          f"({len(log)} epochs, {record['wall_time_s']['sum'] / 60:.0f} min)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="exp/<...>/<YYYYmmdd_HHMMSS> folder of a finished run")
+    parser.add_argument("--command", action="append", default=[],
+                        help="a command that produced the run, in order (repeat the flag)")
+    parser.add_argument("--note", default="", help="anything a reader needs (interruptions, threads)")
+    parser.add_argument("--force", action="store_true", help="replace different shipped weights")
+    args = parser.parse_args()
+    return ship(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))

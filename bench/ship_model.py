@@ -28,6 +28,13 @@ def sha256(path):
         return hashlib.sha256(stream.read()).hexdigest()
 
 
+def same_tensors(path_a, path_b):
+    import torch
+    from utils.checkpoint import read_checkpoint
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def data_attributes(data_path):
     """The h5's recorded sources, patch size, stride and counts; for a folder dataset, its path."""
     if os.path.isdir(data_path):
@@ -61,12 +68,11 @@ def ship(args):
     task = config["task"]
     load_weights(ReFusion(), weights)  # refuses a broken file before anything is replaced
 
-    target = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
-    record_path = os.path.join(ROOT, "models", f"{task}.json")
-    if os.path.exists(target) and sha256(target) != sha256(weights) and not args.force:
+    target = os.path.join(args.models, f"ReFusion_{task}.pth")
+    record_path = os.path.join(args.models, f"{task}.json")
+    if os.path.exists(target) and not same_tensors(target, weights) and not args.force:
         raise UserError(f"{os.path.relpath(target)} exists and differs; add --force to replace it")
     previous = json.load(open(record_path)) if os.path.exists(record_path) else {}
-    same_weights = previous.get("weights_sha256") == sha256(weights)
 
     data_path = config["data"] if os.path.isabs(config["data"]) else os.path.join(ROOT, config["data"])
     data = data_attributes(data_path)
@@ -93,7 +99,7 @@ def ship(args):
                          if key in ("meta_outer_loss", "fusion_loss", "recon_loss")},
         "per_epoch_log": log,
     }
-    if same_weights and "quality" in previous:
+    if previous.get("weights_sha256") == sha256(weights) and "quality" in previous:
         record["quality"] = previous["quality"]
     write_atomic(target, lambda temporary: shutil.copyfile(weights, temporary))
     def write_record(temporary):
@@ -105,14 +111,15 @@ def ship(args):
           f"({len(log)} epochs, {record['wall_time_s']['sum'] / 60:.0f} min)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="exp/<...>/<YYYYmmdd_HHMMSS> folder of a finished run")
     parser.add_argument("--command", action="append", default=[],
                         help="a command that produced the run, in order (repeat the flag)")
     parser.add_argument("--note", default="", help="anything a reader needs (interruptions, threads)")
     parser.add_argument("--force", action="store_true", help="replace different shipped weights")
-    args = parser.parse_args()
+    parser.add_argument("--models", default=os.path.join(ROOT, "models"), help="target folder")
+    args = parser.parse_args(argv)
     return ship(args)
 
 

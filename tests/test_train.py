@@ -1,5 +1,6 @@
 """img2patch -> train.py -> test.py end to end, resume equals an uninterrupted run, errors."""
 import importlib.util
+import json
 import os
 
 import cv2
@@ -21,6 +22,12 @@ def load_script(name, path):
 img2patch = load_script("refusion_img2patch", "data/img2patch.py")
 train_script = load_script("refusion_train", "train.py")
 test_script = load_script("refusion_test_script_t", "test.py")
+ship_script = load_script("refusion_ship_model", "bench/ship_model.py")
+
+
+def ship(args):
+    from utils.errors import run_script
+    return run_script(lambda: ship_script.main(args))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,9 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_later)
     part_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
     assert not finished
+    models = tmp_path / "models"
+    assert ship(["--run", part_dir, "--models", str(models)]) == 1  # unfinished runs are refused
+    assert not models.exists()
     state = torch.load(os.path.join(part_dir, "checkpoint.pt"), weights_only=True)
     assert (state["epoch"], state["stage"], state["step"]) == (1, "meta", 1)
     assert state["lpn_grads"] is not None  # mid-accumulation gradients are kept
@@ -126,6 +136,19 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
         assert all(torch.equal(full[name][k], resumed[name][k]) for k in full[name]), name
     assert open(os.path.join(full_dir, "log.csv")).read().split("\n")[0] == \
         open(os.path.join(part_dir, "log.csv")).read().split("\n")[0]
+
+    # shipping: weights copied unchanged, record written; the bit-exact resumed run ships over it
+    # without --force, a different run needs it
+    assert ship(["--run", full_dir, "--models", str(models), "--command", "python train.py"]) == 0
+    shipped = torch.load(models / "ReFusion_IVIF.pth")
+    assert all(torch.equal(shipped[k], full["ReFusion"][k]) for k in full["ReFusion"])
+    record = json.load(open(models / "IVIF.json"))
+    assert record["commands"] == ["python train.py"] and record["steps"]["total_fusion_steps"] == 8
+    assert record["data"]["count"] == 18 and len(record["per_epoch_log"]) == 2
+    assert ship(["--run", part_dir, "--models", str(models)]) == 0
+    other_dir, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "other"), "--seed", "1"])
+    assert ship(["--run", other_dir, "--models", str(models)]) == 1
+    assert ship(["--run", other_dir, "--models", str(models), "--force"]) == 0
 
 
 def test_train_errors(tmp_path, capsys):

@@ -5,7 +5,7 @@
 
 The record holds the exact commands (as given), the run's config, the h5 attributes of its data,
 step counts, per-epoch wall time and losses (log.csv), and the machine. A run that has not
-finished every epoch is refused. bench/quality_report.py adds the "quality" entry afterwards;
+finished every epoch is refused unless ``--epoch N`` names a finished one. bench/quality_report.py adds the "quality" entry afterwards;
 shipping new weights drops a stale one.
 """
 import argparse
@@ -57,14 +57,20 @@ def ship(args):
 
     run = args.run.rstrip("/")
     config_path, log_path = os.path.join(run, "config.json"), os.path.join(run, "log.csv")
-    weights = os.path.join(run, "ReFusion.pth")
+    weights = os.path.join(run, f"ReFusion_epoch{args.epoch}.pth" if args.epoch else "ReFusion.pth")
     for path in (config_path, log_path, weights):
         if not os.path.exists(path):
             raise UserError(f"{path} not found; --run must be a folder written by train.py")
     config = json.load(open(config_path))
     log = list(csv.DictReader(open(log_path)))
-    if len(log) < config["epochs"]:
-        raise UserError(f"{run} finished {len(log)} of {config['epochs']} epochs; resume it first")
+    if args.epoch:
+        if not 1 <= args.epoch <= len(log):
+            raise UserError(f"{run} has finished epochs 1-{len(log)}, not {args.epoch}")
+        log = log[:args.epoch]
+    elif len(log) < config["epochs"]:
+        raise UserError(f"{run} finished {len(log)} of {config['epochs']} epochs; resume it "
+                        f"first, or ship a finished epoch with --epoch")
+    epochs = len(log)
     task = config["task"]
     load_weights(ReFusion(), weights)  # refuses a broken file before anything is replaced
 
@@ -89,10 +95,11 @@ def ship(args):
         "initialised_from": f"random (seed {config['seed']}); never from released weights",
         "data": {"path": config["data"], **data, "split": "train only"},
         "config": config,
-        "steps": {"epochs": config["epochs"], "meta_pairs_per_epoch": config["max_meta_step"],
+        "steps": {"epochs": epochs, "of_scheduled_epochs": config["epochs"],
+                  "meta_pairs_per_epoch": config["max_meta_step"],
                   "fusion_steps_per_epoch": fusion_steps,
-                  "total_meta_pairs": config["epochs"] * config["max_meta_step"],
-                  "total_fusion_steps": config["epochs"] * fusion_steps},
+                  "total_meta_pairs": epochs * config["max_meta_step"],
+                  "total_fusion_steps": epochs * fusion_steps},
         "wall_time_s": {"per_epoch": seconds, "sum": round(sum(seconds), 1)},
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "final_losses": {key: float(value) for key, value in log[-1].items()
@@ -117,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--command", action="append", default=[],
                         help="a command that produced the run, in order (repeat the flag)")
     parser.add_argument("--note", default="", help="anything a reader needs (interruptions, threads)")
+    parser.add_argument("--epoch", type=int, default=0,
+                        help="ship the weights after this finished epoch (default: the last, all done)")
     parser.add_argument("--force", action="store_true", help="replace different shipped weights")
     parser.add_argument("--models", default=os.path.join(ROOT, "models"), help="target folder")
     args = parser.parse_args(argv)

@@ -125,6 +125,9 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     models = tmp_path / "models"
     assert ship(["--run", part_dir, "--models", str(models)]) == 1  # unfinished runs are refused
     assert not models.exists()
+    assert ship(["--run", part_dir, "--models", str(models), "--epoch", "2"]) == 1
+    assert ship(["--run", part_dir, "--models", str(models), "--epoch", "1"]) == 0
+    assert json.load(open(models / "IVIF.json"))["steps"]["epochs"] == 1
     state = torch.load(os.path.join(part_dir, "checkpoint.pt"), weights_only=True)
     assert (state["epoch"], state["stage"], state["step"]) == (1, "meta", 1)
     assert state["lpn_grads"] is not None  # mid-accumulation gradients are kept
@@ -139,7 +142,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
 
     # shipping: weights copied unchanged, record written; the bit-exact resumed run ships over it
     # without --force, a different run needs it
-    assert ship(["--run", full_dir, "--models", str(models), "--command", "python train.py"]) == 0
+    assert ship(["--run", full_dir, "--models", str(models), "--command", "python train.py", "--force"]) == 0
     shipped = torch.load(models / "ReFusion_IVIF.pth")
     assert all(torch.equal(shipped[k], full["ReFusion"][k]) for k in full["ReFusion"])
     record = json.load(open(models / "IVIF.json"))

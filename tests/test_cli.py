@@ -157,3 +157,17 @@ def test_default_run_says_what_is_missing_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "models/ReFusion_IVIF.pth" in result.stderr and "test_cases/IVIF/infrared" in result.stderr
+
+
+@pytest.mark.parametrize("task", list(test_script.TASK_SOURCES))
+def test_shipped_model_fuses_the_bundled_test_cases(task, tmp_path):
+    """Every task ships weights that load strictly and fuse its bundled pairs into non-flat images."""
+    first, second = test_script.TASK_SOURCES[task]
+    cases = os.path.join(ROOT, "test_cases", task)
+    assert test_script.main(["--task", task, "--img1", os.path.join(cases, first), "--img2",
+                             os.path.join(cases, second), "--out", str(tmp_path)]) == 0
+    stems = sorted(os.path.splitext(name)[0] for name in os.listdir(os.path.join(cases, first)))
+    assert sorted(os.path.splitext(name)[0] for name in os.listdir(tmp_path / "Gray")) == stems
+    for name in os.listdir(tmp_path / "Gray"):
+        fused = cv2.imread(str(tmp_path / "Gray" / name), cv2.IMREAD_UNCHANGED)
+        assert fused.dtype == np.uint8 and fused.std() > 5

@@ -39,6 +39,8 @@ def data_attributes(data_path):
     """The h5's recorded sources, patch size, stride and counts; for a folder dataset, its path."""
     if os.path.isdir(data_path):
         return {"folder": data_path}
+    if not os.path.isfile(data_path):
+        return {"missing_when_shipped": True}
     import h5py
     with h5py.File(data_path, "r") as h5:
         attributes = {key: value.item() if hasattr(value, "item") else value
@@ -61,8 +63,17 @@ def ship(args):
     for path in (config_path, log_path, weights):
         if not os.path.exists(path):
             raise UserError(f"{path} not found; --run must be a folder written by train.py")
-    config = json.load(open(config_path))
-    log = list(csv.DictReader(open(log_path)))
+    try:
+        with open(config_path) as stream:
+            config = json.load(stream)
+        with open(log_path, newline="") as stream:
+            log = list(csv.DictReader(stream))
+    except ValueError as error:
+        raise UserError(f"{run}: unreadable config.json or log.csv ({error})") from None
+    missing = {"task", "epochs", "seed", "data", "batch_size", "max_meta_step",
+               "max_fusion_steps"} - set(config)
+    if missing:
+        raise UserError(f"{config_path} lacks {', '.join(sorted(missing))}; not written by train.py")
     if args.epoch:
         if not 1 <= args.epoch <= len(log):
             raise UserError(f"{run} has finished epochs 1-{len(log)}, not {args.epoch}")
@@ -109,6 +120,7 @@ def ship(args):
     if previous.get("weights_sha256") == sha256(weights) and "quality" in previous:
         record["quality"] = previous["quality"]
     write_atomic(target, lambda temporary: shutil.copyfile(weights, temporary))
+
     def write_record(temporary):
         with open(temporary, "w") as stream:
             json.dump(record, stream, indent=2)

@@ -168,7 +168,7 @@ class Trainer:
     def run(self):
         from tqdm import tqdm
 
-        from utils.data import epoch_batches
+        from utils.data import epoch_batches, fusion_steps_per_epoch
         from utils.meta import apply_normalised_step, fusion_step, lpn_meta_gradient
 
         c = self.config
@@ -181,7 +181,7 @@ class Trainer:
             batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
             weights = self.loss_weights()
             meta_steps = min(c["max_meta_step"], len(batches) - 1)
-            fusion_steps = len(batches) if c["max_fusion_steps"] <= 0 else min(c["max_fusion_steps"], len(batches))
+            fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
             if self.stage == "meta":
                 bar = tqdm(range(self.step, meta_steps), desc=f"epoch {self.epoch + 1} loss learning",
                            unit="pair", initial=self.step, total=meta_steps)

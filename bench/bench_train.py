@@ -4,7 +4,8 @@
 
 Rows: F forward+backward; F forward + double backward (the release's second-order path); F's
 forward-mode Jacobian-vector product (the second-order path of utils/meta.py); one whole stage-1
-meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds are medians over --repeat runs after one warm-up; peak RSS is for the process.
+meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds
+are medians over --repeat runs after one warm-up; peak RSS is for the process.
 The release's figures on this machine kind (2 threads, same input) are printed next to ours.
 """
 import argparse

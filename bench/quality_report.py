@@ -28,7 +28,7 @@ def fuse(task, img1, img2, model, out):
                              "--img1", img1, "--img2", img2, "--model", model, "--out", out],
                             capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"test.py failed for {task} with {model}: {result.stderr.strip().splitlines()[-1]}")
+        sys.exit(f"test.py failed for {task} with {model}: {(result.stderr.strip().splitlines() or ['no message'])[-1]}")
 
 
 def limited_copy(folder, stems, target):

@@ -56,6 +56,7 @@ def ship(args):
     from ReFusion import ReFusion
     from utils.atomic import write_atomic
     from utils.checkpoint import load_weights
+    from utils.data import fusion_steps_per_epoch
 
     run = args.run.rstrip("/")
     config_path, log_path = os.path.join(run, "config.json"), os.path.join(run, "log.csv")
@@ -93,14 +94,13 @@ def ship(args):
 
     data_path = config["data"] if os.path.isabs(config["data"]) else os.path.join(ROOT, config["data"])
     data = data_attributes(data_path)
-    fusion_steps = config["max_fusion_steps"]
-    if "count" in data:  # as train.py: full batches of one pass, capped by max_fusion_steps
-        full_pass = data["count"] // config["batch_size"]
-        fusion_steps = full_pass if fusion_steps <= 0 else min(fusion_steps, full_pass)
+    fusion_steps = (fusion_steps_per_epoch(data["count"], config["batch_size"], config["max_fusion_steps"])
+                    if "count" in data else config["max_fusion_steps"])
     seconds = [float(row["seconds"]) for row in log]
+    digest = sha256(weights)
     record = {
         "task": task,
-        "weights_sha256": sha256(weights),
+        "weights_sha256": digest,
         "commands": args.command,
         "note": args.note,
         "initialised_from": f"random (seed {config['seed']}); never from released weights",
@@ -117,7 +117,7 @@ def ship(args):
                          if key in ("meta_outer_loss", "fusion_loss", "recon_loss")},
         "per_epoch_log": log,
     }
-    if previous.get("weights_sha256") == sha256(weights) and "quality" in previous:
+    if previous.get("weights_sha256") == digest and "quality" in previous:
         record["quality"] = previous["quality"]
     write_atomic(target, lambda temporary: shutil.copyfile(weights, temporary))
 

@@ -4,7 +4,6 @@ import os
 import torch
 
 from utils.atomic import write_atomic
-
 from utils.errors import UserError
 
 

@@ -72,6 +72,12 @@ def epoch_batches(count, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
 
 
+def fusion_steps_per_epoch(count, batch_size, cap):
+    """Stage-2 steps of an epoch: one pass of full batches, at most ``cap`` (0: no cap)."""
+    full_pass = count // batch_size
+    return full_pass if cap <= 0 else min(cap, full_pass)
+
+
 def make_batch(pairs, indices, crop, generator, device):
     """Float batch ``(B,2,c,c)`` in [0,1]; one random ``crop`` window per batch (0: whole patch)."""
     batch = pairs[indices]

@@ -8,7 +8,8 @@ class UserError(ValueError):
 
 def run_script(action, interrupted_message="interrupted"):
     """Run ``action()``; a ``UserError``, a failed file operation or running out of memory prints
-    one ``error:`` line and gives exit code 1, Ctrl-C gives 130. Otherwise the exit code is ``action()``'s (None: 0)."""
+    one ``error:`` line and gives exit code 1, Ctrl-C gives 130. Otherwise the exit code is
+    ``action()``'s (None: 0)."""
     try:
         return action() or 0
     except UserError as error:

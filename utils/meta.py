@@ -3,7 +3,8 @@
 F (fusion), R (reconstruction) and P (loss proposal, LPN) are ordinary modules. A virtual step
 is a dict of new tensors ``{name: theta - alpha * grad}`` that F or R is called with; nothing is
 copied into shadow modules. P's second-order gradient uses a forward-mode product
-(``torch.func.jvp``) of F instead of a double backward. Batches are ``(B,2,H,W)`` source pairs (A, B) in [0,1].
+(``torch.func.jvp``) of F instead of a double backward. Batches are ``(B,2,H,W)`` source pairs
+(A, B) in [0,1].
 """
 import warnings
 from dataclasses import dataclass

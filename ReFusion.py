@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from utils.depthwise import depthwise_conv3x3
 
 CHANNELS_LAST = torch.channels_last
-STRIP_PIXELS = 1 << 15
+STRIP_PIXELS = 1 << 18
 
 
 def in_strips(local_fn, x):
@@ -82,15 +82,10 @@ class Conv2d(nn.Conv2d):
             memory_format=CHANNELS_LAST)
 
 
-class PointwiseConv(Conv2d):
-    """1x1 convolution as a matmul over channels. ``(B,Cin,H,W) -> (B,Cout,H,W)``, channels-last."""
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__(in_channels, out_channels, 1)
-
-    def forward(self, x):
-        nhwc = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1)
-        return F.linear(nhwc, self.weight.flatten(1)).permute(0, 3, 1, 2)
+def pointwise(in_channels, out_channels):
+    """1x1 convolution ``(B,Cin,H,W) -> (B,Cout,H,W)``, channels-last (oneDNN's 1x1 kernel on
+    channels-last data is ~2x faster than the equivalent matmul through MKL on this CPU)."""
+    return Conv2d(in_channels, out_channels, 1)
 
 
 class DepthwiseConv(Conv2d):
@@ -122,6 +117,18 @@ class ChannelLayerNorm(nn.Module):
         return self.body(nhwc).permute(0, 3, 1, 2)
 
 
+def gated_halves(x, pointwise_conv, depthwise_conv):
+    """``depthwise(pointwise(x))`` split in two halves along channels: ``(gate, value)``.
+
+    Each half is computed on its own (half of each weight), so both come out contiguous: the
+    GELU and product that follow run ~2x faster than on the strided halves of one tensor.
+    """
+    x = x.contiguous(memory_format=CHANNELS_LAST)
+    half = pointwise_conv.weight.shape[0] // 2
+    return tuple(depthwise_conv3x3(F.conv2d(x, pointwise_conv.weight[rows]), depthwise_conv.weight[rows])
+                 for rows in (slice(None, half), slice(half, None)))
+
+
 class _RowMajor(torch.autograd.Function):
     """``x.contiguous()`` (NCHW) whose gradient goes back channels-last, the layout of the
     convolutions upstream (a plain ``.contiguous()`` would hand them NCHW gradients to convert)."""
@@ -137,6 +144,19 @@ class _RowMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous(memory_format=CHANNELS_LAST)
+
+
+def row_major_copy(x):
+    """NCHW copy of a channels-last map: ``(B,C,H,W) -> (B,C,H*W)`` contiguous.
+
+    Done as ``identity @ x`` because a plain ``.contiguous()`` walks one of the two layouts with
+    a large stride, while the GEMM tiles the transpose for the cache (~1.7x faster on maps that
+    are not in cache). ``1*v + 0*w`` is exact, so the copy is bit-identical for finite values.
+    """
+    batch, channels, height, width = x.shape
+    pixel_rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    identity = torch.eye(channels, dtype=x.dtype, device=x.device)
+    return identity @ pixel_rows.transpose(1, 2)
 
 
 def channel_attention(q, k, v, temperature, projection):
@@ -160,7 +180,7 @@ def channel_attention(q, k, v, temperature, projection):
     per_head = channels // heads
 
     def head_rows(t):  # (B, heads, c, HW), unit rows
-        rows = _RowMajor.apply(t) if t.requires_grad else t.contiguous()
+        rows = _RowMajor.apply(t) if t.requires_grad else row_major_copy(t)
         return F.normalize(rows.view(batch, heads, per_head, height * width), dim=-1)
 
     attn = torch.softmax(head_rows(q) @ head_rows(k).transpose(-2, -1) * temperature, dim=-1)
@@ -178,9 +198,9 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv = PointwiseConv(dim, dim * 3)
+        self.qkv = pointwise(dim, dim * 3)
         self.qkv_dwconv = DepthwiseConv(dim * 3)
-        self.project_out = PointwiseConv(dim, dim)
+        self.project_out = pointwise(dim, dim)
 
     def forward(self, x):
         qkv = in_strips(lambda t: self.qkv_dwconv(self.qkv(t)), x)
@@ -197,12 +217,12 @@ class FeedForward(nn.Module):
     def __init__(self, dim, expansion):
         super().__init__()
         hidden = int(dim * expansion)
-        self.project_in = PointwiseConv(dim, hidden * 2)
+        self.project_in = pointwise(dim, hidden * 2)
         self.dwconv = DepthwiseConv(hidden * 2)
-        self.project_out = PointwiseConv(hidden, dim)
+        self.project_out = pointwise(hidden, dim)
 
     def forward(self, x):
-        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        gate, value = gated_halves(x, self.project_in, self.dwconv)
         return self.project_out(F.gelu(gate) * value)
 
 
@@ -238,20 +258,20 @@ class CrossAttentionMerge(nn.Module):
         super().__init__()
         self.temperature1 = nn.Parameter(torch.ones(heads, 1, 1))
         self.temperature2 = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv1 = PointwiseConv(dim, dim * 3)
+        self.qkv1 = pointwise(dim, dim * 3)
         self.qkv1_dwconv = DepthwiseConv(dim * 3)
-        self.qkv2 = PointwiseConv(dim, dim * 3)
+        self.qkv2 = pointwise(dim, dim * 3)
         self.qkv2_dwconv = DepthwiseConv(dim * 3)
-        self.project_mid1 = PointwiseConv(dim, dim)
-        self.project_mid2 = PointwiseConv(dim, dim)
-        self.project_E = PointwiseConv(dim * 2, dim * 8)
+        self.project_mid1 = pointwise(dim, dim)
+        self.project_mid2 = pointwise(dim, dim)
+        self.project_E = pointwise(dim * 2, dim * 8)
         self.project_E_d = DepthwiseConv(dim * 8)
-        self.project_E1 = PointwiseConv(dim, dim * 4)
+        self.project_E1 = pointwise(dim, dim * 4)
         self.project_E1_d = DepthwiseConv(dim * 4)
-        self.project_E2 = PointwiseConv(dim, dim * 4)
+        self.project_E2 = pointwise(dim, dim * 4)
         self.project_E2_d = DepthwiseConv(dim * 4)
-        self.project_out1 = PointwiseConv(dim * 4, dim * 2)
-        self.project_out2 = PointwiseConv(dim * 4, dim * 2)
+        self.project_out1 = pointwise(dim * 4, dim * 2)
+        self.project_out2 = pointwise(dim * 4, dim * 2)
 
     def forward(self, x1, x2):
         q1, k1, v1 = in_strips(lambda t: self.qkv1_dwconv(self.qkv1(t)), x1).chunk(3, dim=1)
@@ -262,7 +282,7 @@ class CrossAttentionMerge(nn.Module):
 
     def _expand(self, merged):
         x1, x2 = merged.chunk(2, dim=1)
-        gate1, gate2 = self.project_E_d(self.project_E(merged)).chunk(2, dim=1)
+        gate1, gate2 = gated_halves(merged, self.project_E, self.project_E_d)
         branch1 = F.gelu(gate1) * self.project_E1_d(self.project_E1(x1))
         branch2 = F.gelu(gate2) * self.project_E2_d(self.project_E2(x2))
         return merged + self.project_out1(branch1) + self.project_out2(branch2)

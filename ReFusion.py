@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from utils.depthwise import depthwise_conv3x3
 
 CHANNELS_LAST = torch.channels_last
-STRIP_PIXELS = 1 << 18
+STRIP_PIXELS = 1 << 16
 
 
 def in_strips(local_fn, x):
@@ -115,6 +115,13 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x):
         nhwc = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1)
         return self.body(nhwc).permute(0, 3, 1, 2)
+
+
+def gelu_gate(gate, value):
+    """``gelu(gate) * value``; without autograd in place in ``gate``, which lowers peak memory."""
+    if torch.is_grad_enabled():
+        return F.gelu(gate) * value
+    return torch.ops.aten.gelu_(gate).mul_(value)
 
 
 def gated_halves(x, pointwise_conv, depthwise_conv):
@@ -223,7 +230,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         gate, value = gated_halves(x, self.project_in, self.dwconv)
-        return self.project_out(F.gelu(gate) * value)
+        return self.project_out(gelu_gate(gate, value))
 
 
 class TransformerBlock(nn.Module):
@@ -283,8 +290,8 @@ class CrossAttentionMerge(nn.Module):
     def _expand(self, merged):
         x1, x2 = merged.chunk(2, dim=1)
         gate1, gate2 = gated_halves(merged, self.project_E, self.project_E_d)
-        branch1 = F.gelu(gate1) * self.project_E1_d(self.project_E1(x1))
-        branch2 = F.gelu(gate2) * self.project_E2_d(self.project_E2(x2))
+        branch1 = gelu_gate(gate1, self.project_E1_d(self.project_E1(x1)))
+        branch2 = gelu_gate(gate2, self.project_E2_d(self.project_E2(x2)))
         return merged + self.project_out1(branch1) + self.project_out2(branch2)
 
 

@@ -1,13 +1,18 @@
 """Inference speed and memory of ReFusion, one fresh process per size.
 
     python bench/bench_inference.py                       # CPU, sizes 256..2048, 2 threads
+    python bench/bench_inference.py --sizes 256x256,480x640 --baseline
     python bench/bench_inference.py --sizes 480x640 --device cuda --repeat 10
 
 Prints, per size and device: the first call (includes growing the heap), the median of
 ``--repeat`` warm calls in ms per pair, megapixels/s, peak memory (CPU: peak RSS of the process;
 CUDA: peak allocated), and the speed-up over the release's CPU timings measured on this machine
-kind with 2 threads (the inference issue). Output equality with the release is what
-tests/test_parity.py checks; this script only times the same code path.
+kind with 2 threads (the inference issue). This machine is shared and its speed drifts by tens of
+percent, so ``--baseline`` also times, right after ours and in the same run, the plain NCHW
+network of ``bench/release_style.py`` (same function, written the way the release is) twice:
+in a process with glibc's default allocator, as the release runs, and with the allocator
+settings our scripts use; the speed-up columns are then ratios taken in this one run.
+Output equality with the release is what tests/test_parity.py checks.
 """
 import argparse
 import json
@@ -26,15 +31,26 @@ RELEASE_CPU = {(256, 256): (0.75, None), (480, 640): (8.75, None),
                (1024, 1024): (24.0, 3.5), (2048, 2048): (108.0, 12.4)}
 
 
-def measure(height, width, device_name, repeat, threads):
+NETWORKS = ("ours", "plain")
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def build(network):
+    if network == "ours":
+        from ReFusion import ReFusion
+        return ReFusion()
+    from bench.release_style import PlainReFusion
+    return PlainReFusion()
+
+
+def measure(height, width, device_name, repeat, threads, network):
     """Runs in the child process: time one size, return a dict."""
     import torch
-    from ReFusion import ReFusion
     from utils.runtime import resolve_device
 
     torch.set_num_threads(threads)
     device = resolve_device(device_name)
-    model = ReFusion().to(device).eval()
+    model = build(network).to(device).eval()
     x = torch.rand(1, 2, height, width, generator=torch.Generator().manual_seed(0)).to(device)
 
     def run():
@@ -57,37 +73,63 @@ def measure(height, width, device_name, repeat, threads):
             "median_s": statistics.median(times), "peak_gb": peak_gb}
 
 
+def run_child(size, args, network, default_allocator=False):
+    """One measurement in a fresh process; ``default_allocator`` drops our glibc settings."""
+    env = dict(os.environ)
+    if default_allocator:
+        for name in ALLOCATOR_SETTINGS:
+            env.pop(name, None)
+        env["REFUSION_NO_REEXEC"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", size, "--network", network,
+           "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"{size:>10} {network} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="256x256,480x640,1024x1024,2048x2048")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time bench/release_style.py's plain network in this run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--network", choices=NETWORKS, default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         height, width = map(int, args.child.split("x"))
-        print(json.dumps(measure(height, width, args.device, args.repeat, args.threads)))
+        print(json.dumps(measure(height, width, args.device, args.repeat, args.threads,
+                                 args.network)))
         return
 
     print(f"device={args.device} threads={args.threads} repeat={args.repeat}")
-    print(f"{'size':>10} {'first s':>8} {'ms/pair':>9} {'MP/s':>6} {'peak GB':>8} "
+    print(f"{'size':>10} {'network':>13} {'first s':>8} {'ms/pair':>9} {'MP/s':>6} {'peak GB':>8} "
           f"{'release s':>9} {'speed-up':>8} {'release GB':>10}")
     for size in args.sizes.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", size, "--device", args.device,
-               "--threads", str(args.threads), "--repeat", str(args.repeat)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{size:>10} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
         height, width = map(int, size.split("x"))
         release_s, release_gb = RELEASE_CPU.get((height, width), (None, None))
-        speedup = f"{release_s / row['median_s']:.1f}x" if release_s and args.device == "cpu" else "-"
-        print(f"{size:>10} {row['first_s']:8.2f} {row['median_s'] * 1e3:9.0f} "
-              f"{height * width / 1e6 / row['median_s']:6.2f} {row['peak_gb']:8.2f} "
-              f"{release_s or '-':>9} {speedup:>8} {release_gb or '-':>10}")
+        runs = [("ours", run_child(size, args, "ours"))]
+        if args.baseline:
+            runs += [("plain", run_child(size, args, "plain", default_allocator=True)),
+                     ("plain+heap", run_child(size, args, "plain"))]
+        for label, row in runs:
+            if row is None:
+                continue
+            speedup = (f"{release_s / row['median_s']:.1f}x"
+                       if release_s and args.device == "cpu" else "-")
+            print(f"{size:>10} {label:>13} {row['first_s']:8.2f} {row['median_s'] * 1e3:9.0f} "
+                  f"{height * width / 1e6 / row['median_s']:6.2f} {row['peak_gb']:8.2f} "
+                  f"{release_s or '-':>9} {speedup:>8} {release_gb or '-':>10}")
+        ours = runs[0][1]
+        if ours is not None and len(runs) > 1:
+            ratios = ", ".join(f"{row['median_s'] / ours['median_s']:.1f}x vs {label}"
+                               for label, row in runs[1:] if row is not None)
+            print(f"{size:>10} {'same run':>13}   ours is {ratios}")
 
 
 if __name__ == "__main__":

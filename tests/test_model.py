@@ -46,6 +46,18 @@ def test_strips_give_the_same_result_as_one_pass(monkeypatch):
     assert torch.allclose(whole, strips, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (23, 37)])
+def test_plain_release_style_network_computes_the_same_function(size):
+    """bench/release_style.py is the speed baseline; a baseline that computed something else
+    would make its speed-up meaningless."""
+    from bench.release_style import PlainReFusion
+    model, x = random_model(), torch.rand(2, 2, *size)
+    plain = PlainReFusion().eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (plain(x) - model(x)).abs().max() <= 1e-6
+
+
 def test_functional_call_uses_substituted_parameters():
     model, other, x = random_model(0), random_model(1), torch.rand(1, 2, 16, 16)
     params = dict(other.named_parameters())

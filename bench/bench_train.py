@@ -7,11 +7,17 @@ forward-mode Jacobian-vector product (the second-order path of utils/meta.py); o
 meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds
 are medians over --repeat runs after one warm-up; peak RSS is for the process.
 The release's figures on this machine kind (2 threads, same input) are printed next to ours.
+Because this machine's speed drifts, the first two pieces are also timed in the same run on the
+plain NCHW network of bench/release_style.py (same function, written the release's way): in this
+process (our allocator settings) and in a child process with glibc's defaults, as the release
+runs; the last lines give those same-run ratios.
 """
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -28,10 +34,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
 
+    from bench.release_style import PlainReFusion
     from ReFusion import LPN, ReFusion, ReN
     from utils.meta import LossWeights, exchange, fusion_step, lpn_meta_gradient
     from utils.losses import fusion_loss
@@ -72,11 +80,18 @@ def main():
 
     print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
           f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
-    print(f"{'piece':>28} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
-    for name, fn in (("F forward+backward", forward_backward),
-                     ("F forward+double backward", forward_double_backward),
-                     ("F forward-mode JVP", forward_jvp),
-                     ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two)):
+    plain = PlainReFusion().to(device)
+    plain.load_state_dict(fusion.state_dict())
+
+    def plain_forward_backward():
+        fusion_loss(inputs, plain(inputs), w_int, w_grad).backward()
+
+    def plain_forward_double_backward():
+        loss = fusion_loss(inputs, plain(inputs), w_int, w_grad)
+        grads = torch.autograd.grad(loss, list(plain.parameters()), create_graph=True)
+        sum((g * g).sum() for g in grads).backward()
+
+    def median_seconds(fn):
         fn()
         times = []
         for _ in range(args.repeat):
@@ -88,12 +103,52 @@ def main():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         fusion.zero_grad(set_to_none=True)
-        median = statistics.median(times)
+        plain.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+    plain_pieces = (("plain F forward+backward", plain_forward_backward),
+                    ("plain F forward+double backward", plain_forward_double_backward))
+    if args.plain_only:
+        print(json.dumps({name: median_seconds(fn) for name, fn in plain_pieces}))
+        return
+
+    print(f"{'piece':>48} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
+    seconds = {}
+    for name, fn in (("F forward+backward", forward_backward),
+                     ("F forward+double backward", forward_double_backward),
+                     ("F forward-mode JVP", forward_jvp),
+                     ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two),
+                     *plain_pieces):
+        median = seconds[name] = median_seconds(fn)
         release = RELEASE_S.get(name)
         ratio = f"{release / median:.1f}x" if release and device.type == "cpu" and args.size == 128 \
             and args.pairs == 2 else "-"
-        print(f"{name:>28} {median:8.2f} {release or '-':>10} {ratio:>9}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+        print(f"{name:>48} {median:8.2f} {release or '-':>10} {ratio:>9}")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    default_allocator = plain_with_default_allocator(args)
+    for name, value in default_allocator.items():
+        print(f"{name + ' (glibc defaults)':>48} {value:8.2f}")
+    for name in ("F forward+backward", "F forward+double backward"):
+        ratios = [f"{seconds['plain ' + name] / seconds[name]:.1f}x vs plain"]
+        if default_allocator:
+            ratios.append(f"{default_allocator['plain ' + name] / seconds[name]:.1f}x vs plain "
+                          "(glibc defaults)")
+        print(f"same run: {name}: ours is {', '.join(ratios)}")
+    print(f"peak RSS {peak_gb:.2f} GB")
+
+
+def plain_with_default_allocator(args):
+    """The plain pieces in a child process with glibc's default allocator settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["REFUSION_NO_REEXEC"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--plain-only", "--size", str(args.size),
+           "--pairs", str(args.pairs), "--threads", str(args.threads),
+           "--repeat", str(args.repeat), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"plain network with glibc defaults failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ Every module keeps its parameters as ordinary ``nn.Parameter`` attributes and re
 through ``self``, so ``torch.func.functional_call(net, params, x)`` runs it with substituted
 parameters (the virtual steps of meta-learning) without any shadow copies.
 
-Speed: feature maps are kept in channels-last memory layout. 1x1 convolutions then become one
-matmul over the channel axis, depthwise 3x3 convolutions hit the fast NHWC kernels, the channel
-LayerNorm is a plain ``F.layer_norm`` over the last axis, and the attention output projection is
-folded into the (tiny) attention matrix so it costs no extra pass over the pixels.
+Speed: feature maps are kept in channels-last memory layout, so 1x1 and depthwise 3x3
+convolutions hit oneDNN's fast NHWC kernels and the channel LayerNorm is a plain
+``F.layer_norm`` over the last axis; the attention output projection is folded into the (tiny)
+attention matrix so it costs no extra pass over the pixels (more in ARCHITECTURE.md).
 """
 import torch
 import torch.nn as nn
@@ -132,7 +132,8 @@ def gated_halves(x, pointwise_conv, depthwise_conv):
     """
     x = x.contiguous(memory_format=CHANNELS_LAST)
     half = pointwise_conv.weight.shape[0] // 2
-    return tuple(depthwise_conv3x3(F.conv2d(x, pointwise_conv.weight[rows]), depthwise_conv.weight[rows])
+    return tuple(depthwise_conv3x3(F.conv2d(x, pointwise_conv.weight[rows]),
+                                   depthwise_conv.weight[rows])
                  for rows in (slice(None, half), slice(half, None)))
 
 

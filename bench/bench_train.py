@@ -58,12 +58,15 @@ def main():
     opt_f = torch.optim.Adam(fusion.parameters(), 1e-4)
     opt_r = torch.optim.Adam(recon.parameters(), 1e-4)
 
-    def forward_backward():
-        fusion_loss(inputs, fusion(inputs), w_int, w_grad).backward()
+    plain = PlainReFusion().to(device)
+    plain.load_state_dict(fusion.state_dict())
 
-    def forward_double_backward():
-        loss = fusion_loss(inputs, fusion(inputs), w_int, w_grad)
-        grads = torch.autograd.grad(loss, list(fusion.parameters()), create_graph=True)
+    def forward_backward(net):
+        fusion_loss(inputs, net(inputs), w_int, w_grad).backward()
+
+    def forward_double_backward(net):
+        loss = fusion_loss(inputs, net(inputs), w_int, w_grad)
+        grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
         sum((g * g).sum() for g in grads).backward()
 
     point = {k: v.detach() for k, v in fusion.named_parameters()}
@@ -80,16 +83,6 @@ def main():
 
     print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
           f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
-    plain = PlainReFusion().to(device)
-    plain.load_state_dict(fusion.state_dict())
-
-    def plain_forward_backward():
-        fusion_loss(inputs, plain(inputs), w_int, w_grad).backward()
-
-    def plain_forward_double_backward():
-        loss = fusion_loss(inputs, plain(inputs), w_int, w_grad)
-        grads = torch.autograd.grad(loss, list(plain.parameters()), create_graph=True)
-        sum((g * g).sum() for g in grads).backward()
 
     def median_seconds(fn):
         fn()
@@ -106,16 +99,16 @@ def main():
         plain.zero_grad(set_to_none=True)
         return statistics.median(times)
 
-    plain_pieces = (("plain F forward+backward", plain_forward_backward),
-                    ("plain F forward+double backward", plain_forward_double_backward))
+    plain_pieces = (("plain F forward+backward", lambda: forward_backward(plain)),
+                    ("plain F forward+double backward", lambda: forward_double_backward(plain)))
     if args.plain_only:
         print(json.dumps({name: median_seconds(fn) for name, fn in plain_pieces}))
         return
 
     print(f"{'piece':>48} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
     seconds = {}
-    for name, fn in (("F forward+backward", forward_backward),
-                     ("F forward+double backward", forward_double_backward),
+    for name, fn in (("F forward+backward", lambda: forward_backward(fusion)),
+                     ("F forward+double backward", lambda: forward_double_backward(fusion)),
                      ("F forward-mode JVP", forward_jvp),
                      ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two),
                      *plain_pieces):

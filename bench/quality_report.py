@@ -2,11 +2,13 @@
 
     python bench/quality_report.py                       # every task with a models/ReFusion_<TASK>.pth
     python bench/quality_report.py --tasks IVIF --limit 10
+    python bench/quality_report.py --tasks MEIF --run exp/MEIF/<run>   # every epoch of a run
 
 For each task: fuse ``../shared/datasets/<TASK>/test`` with ``models/ReFusion_<TASK>.pth`` and
 with ``../shared/reference/official_weights/ReFusion_<TASK>.pth``, score both with eval.py's
 metrics, print the two mean rows side by side as a Markdown table (README) and store them in
-``models/<TASK>.json`` under ``"quality"``.
+``models/<TASK>.json`` under ``"quality"``. With ``--run``, the weights scored are instead every
+``ReFusion_epoch<N>.pth`` of that training run (a learning curve; nothing is stored).
 """
 import argparse
 import json
@@ -39,10 +41,20 @@ def limited_copy(folder, stems, target):
     return target
 
 
+def epoch_weights(run):
+    """``[("epoch N", path), ...]`` for the ``ReFusion_epoch<N>.pth`` files of a training run."""
+    if not os.path.isdir(run):
+        sys.exit(f"error: no training run folder {run}")
+    epochs = sorted(int(name[len("ReFusion_epoch"):-len(".pth")]) for name in os.listdir(run)
+                    if name.startswith("ReFusion_epoch") and name.endswith(".pth"))
+    return [(f"epoch {n}", os.path.join(run, f"ReFusion_epoch{n}.pth")) for n in epochs]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="IVIF,MIF,MFIF,MEIF")
     parser.add_argument("--limit", type=int, default=0, help="first N test pairs only (0: all)")
+    parser.add_argument("--run", help="score each epoch's weights of this training run instead")
     args = parser.parse_args()
 
     from eval import mean_row, score_folders
@@ -53,9 +65,11 @@ def main():
     for task in args.tasks.split(","):
         ours = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
         released = os.path.join(SHARED, "reference", "official_weights", f"ReFusion_{task}.pth")
+        candidates = [("ours", ours)] if not args.run else epoch_weights(args.run)
         first, second = (os.path.join(SHARED, "datasets", task, "test", d) for d in TEST_FOLDERS[task])
-        if not (os.path.exists(ours) and os.path.exists(released) and os.path.isdir(first)):
-            print(f"| {task} | (skipped: no {os.path.relpath(ours, ROOT)} or no shared data) |")
+        missing = [path for _, path in candidates + [("released", released)] if not os.path.exists(path)]
+        if missing or not candidates or not os.path.isdir(first):
+            print(f"| {task} | (skipped: no {', '.join(missing) or 'epoch weights'} or no shared data) |")
             continue
         with tempfile.TemporaryDirectory() as work:
             stems = [stem for stem, _, _ in pair_images(first, second)]
@@ -64,13 +78,15 @@ def main():
                 first = limited_copy(first, stems, os.path.join(work, "img1"))
                 second = limited_copy(second, stems, os.path.join(work, "img2"))
             means = {}
-            for label, weights in (("ours", ours), ("released", released)):
+            for label, weights in candidates + [("released", released)]:
                 out = os.path.join(work, label)
                 fuse(task, first, second, weights, out)
                 rows = score_folders(first, second, os.path.join(out, "Gray"))
                 means[label] = mean_row(rows)
                 print(f"| {task} | {label} | {len(rows)} | "
                       + " | ".join(f"{means[label][m]:.3f}" for m in SHOWN) + " |")
+        if args.run:
+            continue
         record_path = os.path.join(ROOT, "models", f"{task}.json")
         record = json.load(open(record_path)) if os.path.exists(record_path) else {}
         record["quality"] = {"test_set": f"shared/datasets/{task}/test", "pairs": len(rows),

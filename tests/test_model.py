@@ -58,6 +58,14 @@ def test_plain_release_style_network_computes_the_same_function(size):
         assert (plain(x) - model(x)).abs().max() <= 1e-6
 
 
+def test_row_major_copy_is_exact_and_differentiable_twice():
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(refusion_module.row_major_copy(x), x.contiguous().view(2, 6, 35))
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(refusion_module.row_major_copy, (x,))
+    assert torch.autograd.gradgradcheck(refusion_module.row_major_copy, (x,))
+
+
 def test_functional_call_uses_substituted_parameters():
     model, other, x = random_model(0), random_model(1), torch.rand(1, 2, 16, 16)
     params = dict(other.named_parameters())

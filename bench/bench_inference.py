@@ -32,7 +32,6 @@ RELEASE_CPU = {(256, 256): (0.75, None), (480, 640): (8.75, None),
 
 
 NETWORKS = ("ours", "plain")
-ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def build(network):
@@ -75,11 +74,8 @@ def measure(height, width, device_name, repeat, threads, network):
 
 def run_child(size, args, network, default_allocator=False):
     """One measurement in a fresh process; ``default_allocator`` drops our glibc settings."""
-    env = dict(os.environ)
-    if default_allocator:
-        for name in ALLOCATOR_SETTINGS:
-            env.pop(name, None)
-        env["REFUSION_NO_REEXEC"] = "1"
+    from utils.runtime import default_allocator_env
+    env = default_allocator_env() if default_allocator else None
     cmd = [sys.executable, os.path.abspath(__file__), "--child", size, "--network", network,
            "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -132,12 +132,11 @@ def main():
 
 def plain_with_default_allocator(args):
     """The plain pieces in a child process with glibc's default allocator settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env["REFUSION_NO_REEXEC"] = "1"
+    from utils.runtime import default_allocator_env
     cmd = [sys.executable, os.path.abspath(__file__), "--plain-only", "--size", str(args.size),
            "--pairs", str(args.pairs), "--threads", str(args.threads),
            "--repeat", str(args.repeat), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=default_allocator_env())
     if proc.returncode != 0:
         print(f"plain network with glibc defaults failed: {proc.stderr.strip().splitlines()[-1:]}")
         return {}

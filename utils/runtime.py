@@ -31,6 +31,14 @@ def keep_freed_memory():
     os.execv(sys.executable, sys.orig_argv)
 
 
+def default_allocator_env():
+    """This process's environment without our allocator settings and without the re-exec:
+    for a child process that should allocate memory as glibc does by default (benchmarks)."""
+    env = {k: v for k, v in os.environ.items() if k not in _MALLOC_ENV}
+    env["REFUSION_NO_REEXEC"] = "1"
+    return env
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.depthwise import depthwise_conv3x3
+from utils.convolutions import depthwise_conv3x3, per_image_pointwise, pointwise_conv
 
 CHANNELS_LAST = torch.channels_last
 STRIP_PIXELS = 1 << 16
@@ -82,10 +82,19 @@ class Conv2d(nn.Conv2d):
             memory_format=CHANNELS_LAST)
 
 
-def pointwise(in_channels, out_channels):
-    """1x1 convolution ``(B,Cin,H,W) -> (B,Cout,H,W)``, channels-last (oneDNN's 1x1 kernel on
-    channels-last data is ~2x faster than the equivalent matmul through MKL on this CPU)."""
-    return Conv2d(in_channels, out_channels, 1)
+class PointwiseConv(Conv2d):
+    """1x1 convolution ``(B,Cin,H,W) -> (B,Cout,H,W)``, channels-last.
+
+    oneDNN's 1x1 kernel on channels-last data is ~2x faster than the equivalent matmul through
+    MKL on this CPU; ``utils.convolutions`` keeps its derivatives channels-last 1x1 convolutions
+    and GEMMs, which PyTorch's own double backward of a convolution does not.
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return pointwise_conv(x, self.weight)
 
 
 class DepthwiseConv(Conv2d):
@@ -124,16 +133,14 @@ def gelu_gate(gate, value):
     return torch.ops.aten.gelu_(gate).mul_(value)
 
 
-def gated_halves(x, pointwise_conv, depthwise_conv):
+def gated_halves(x, expand, depthwise):
     """``depthwise(pointwise(x))`` split in two halves along channels: ``(gate, value)``.
 
     Each half is computed on its own (half of each weight), so both come out contiguous: the
     GELU and product that follow run ~2x faster than on the strided halves of one tensor.
     """
-    x = x.contiguous(memory_format=CHANNELS_LAST)
-    half = pointwise_conv.weight.shape[0] // 2
-    return tuple(depthwise_conv3x3(F.conv2d(x, pointwise_conv.weight[rows]),
-                                   depthwise_conv.weight[rows])
+    half = expand.weight.shape[0] // 2
+    return tuple(depthwise_conv3x3(pointwise_conv(x, expand.weight[rows]), depthwise.weight[rows])
                  for rows in (slice(None, half), slice(half, None)))
 
 
@@ -201,10 +208,10 @@ def channel_attention(q, k, v, temperature, projection):
 
     attn = torch.softmax(head_rows(q) @ head_rows(k).transpose(-2, -1) * temperature, dim=-1)
     proj = projection.flatten(1).view(-1, heads, per_head)  # (Cout, heads, c_q)
-    mixer = torch.einsum("ohi,bhij->bhjo", proj, attn).reshape(batch, channels, -1)
+    mixer = torch.einsum("ohi,bhij->bhjo", proj, attn).reshape(batch, channels, -1)  # (B, C, Cout)
     tokens = v.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1).reshape(
         batch, height * width, channels)
-    out = tokens @ mixer  # (B, HW, Cout)
+    out = per_image_pointwise(tokens, mixer.transpose(1, 2))  # (B, HW, Cout)
     return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -214,9 +221,9 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv = pointwise(dim, dim * 3)
+        self.qkv = PointwiseConv(dim, dim * 3)
         self.qkv_dwconv = DepthwiseConv(dim * 3)
-        self.project_out = pointwise(dim, dim)
+        self.project_out = PointwiseConv(dim, dim)
 
     def forward(self, x):
         qkv = in_strips(lambda t: self.qkv_dwconv(self.qkv(t)), x)
@@ -233,9 +240,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim, expansion):
         super().__init__()
         hidden = int(dim * expansion)
-        self.project_in = pointwise(dim, hidden * 2)
+        self.project_in = PointwiseConv(dim, hidden * 2)
         self.dwconv = DepthwiseConv(hidden * 2)
-        self.project_out = pointwise(hidden, dim)
+        self.project_out = PointwiseConv(hidden, dim)
 
     def forward(self, x):
         gate, value = gated_halves(x, self.project_in, self.dwconv)
@@ -274,20 +281,20 @@ class CrossAttentionMerge(nn.Module):
         super().__init__()
         self.temperature1 = nn.Parameter(torch.ones(heads, 1, 1))
         self.temperature2 = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv1 = pointwise(dim, dim * 3)
+        self.qkv1 = PointwiseConv(dim, dim * 3)
         self.qkv1_dwconv = DepthwiseConv(dim * 3)
-        self.qkv2 = pointwise(dim, dim * 3)
+        self.qkv2 = PointwiseConv(dim, dim * 3)
         self.qkv2_dwconv = DepthwiseConv(dim * 3)
-        self.project_mid1 = pointwise(dim, dim)
-        self.project_mid2 = pointwise(dim, dim)
-        self.project_E = pointwise(dim * 2, dim * 8)
+        self.project_mid1 = PointwiseConv(dim, dim)
+        self.project_mid2 = PointwiseConv(dim, dim)
+        self.project_E = PointwiseConv(dim * 2, dim * 8)
         self.project_E_d = DepthwiseConv(dim * 8)
-        self.project_E1 = pointwise(dim, dim * 4)
+        self.project_E1 = PointwiseConv(dim, dim * 4)
         self.project_E1_d = DepthwiseConv(dim * 4)
-        self.project_E2 = pointwise(dim, dim * 4)
+        self.project_E2 = PointwiseConv(dim, dim * 4)
         self.project_E2_d = DepthwiseConv(dim * 4)
-        self.project_out1 = pointwise(dim * 4, dim * 2)
-        self.project_out2 = pointwise(dim * 4, dim * 2)
+        self.project_out1 = PointwiseConv(dim * 4, dim * 2)
+        self.project_out2 = PointwiseConv(dim * 4, dim * 2)
 
     def forward(self, x1, x2):
         q1, k1, v1 = in_strips(lambda t: self.qkv1_dwconv(self.qkv1(t)), x1).chunk(3, dim=1)

@@ -1,0 +1,54 @@
+"""The hand-written derivatives of the depthwise and pointwise convolutions, to second order."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils.convolutions import depthwise_conv3x3, pointwise_conv
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_first_and_second_derivatives_match_finite_differences(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g).contiguous(memory_format=layout)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, generator=g)
+    x.requires_grad_(), w.requires_grad_()
+    assert torch.autograd.gradcheck(depthwise_conv3x3, (x, w))
+    assert torch.autograd.gradgradcheck(depthwise_conv3x3, (x, w))
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(pointwise_conv, (x, w))
+    assert torch.autograd.gradgradcheck(pointwise_conv, (x, w))
+
+
+def test_third_derivatives_match_finite_differences():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    for conv, w in ((depthwise_conv3x3, torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g)),
+                    (pointwise_conv, torch.randn(3, 2, 1, 1, dtype=torch.float64, generator=g))):
+        w.requires_grad_()
+
+        def second_derivative_probe(x, w):
+            (gx, gw) = torch.autograd.grad((conv(x, w) ** 2).sum(), (x, w), create_graph=True)
+            return torch.autograd.grad((gx ** 2).sum() + (gw ** 2).sum(), (x, w), create_graph=True)
+
+        assert torch.autograd.gradcheck(second_derivative_probe, (x, w))
+
+
+def _assert_same_values_and_gradients(ours, reference, inputs):
+    assert torch.allclose(ours, reference, atol=1e-6)
+    probe = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * probe).sum(), inputs)
+    expected = torch.autograd.grad((reference * probe).sum(), inputs)
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pointwise_matches_conv2d_and_its_gradients():
+    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    w = torch.randn(6, 4, 1, 1, requires_grad=True)
+    _assert_same_values_and_gradients(pointwise_conv(x, w), F.conv2d(x, w), (x, w))
+
+
+def test_matches_grouped_conv2d_and_its_gradients():
+    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    _assert_same_values_and_gradients(depthwise_conv3x3(x, w), F.conv2d(x, w, padding=1, groups=4), (x, w))

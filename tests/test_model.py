@@ -36,6 +36,25 @@ def test_batch_items_are_independent():
     assert torch.allclose(together, alone, atol=1e-6)
 
 
+def test_training_and_inference_logits_are_the_same_cosine_similarities():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 50, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 3, 4, 50, dtype=torch.float64, generator=g, requires_grad=True)
+    training = refusion_module.cosine_logits(q, k)
+    with torch.no_grad():
+        inference = refusion_module.cosine_logits(q, k)
+    unit_q, unit_k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    expected = unit_q @ unit_k.transpose(-2, -1)
+    assert torch.allclose(training, expected, atol=1e-12)
+    assert torch.allclose(inference, expected, atol=1e-12)
+    probe = torch.randn(expected.shape, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad((training * probe).sum(), (q, k))
+    reference = torch.autograd.grad((expected * probe).sum(), (q, k))
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.autograd.gradgradcheck(refusion_module.cosine_logits, (q[:1, :1, :, :6], k[:1, :1, :, :6]))
+
+
 def test_strips_give_the_same_result_as_one_pass(monkeypatch):
     model, x = random_model(), torch.rand(1, 2, 75, 40)
     with torch.enable_grad():

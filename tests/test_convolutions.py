@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.convolutions import depthwise_conv3x3, pointwise_conv
+from utils.convolutions import depthwise_conv3x3, per_image_pointwise, pointwise_conv
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -17,6 +17,15 @@ def test_first_and_second_derivatives_match_finite_differences(layout):
     w = torch.randn(4, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(pointwise_conv, (x, w))
     assert torch.autograd.gradgradcheck(pointwise_conv, (x, w))
+
+
+def test_per_image_pointwise_derivatives_and_values():
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(2, 7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(per_image_pointwise, (rows, w))
+    assert torch.autograd.gradgradcheck(per_image_pointwise, (rows, w))
+    _assert_same_values_and_gradients(per_image_pointwise(rows, w), torch.bmm(rows, w.transpose(1, 2)), (rows, w))
 
 
 def test_third_derivatives_match_finite_differences():

@@ -100,8 +100,8 @@ class PointwiseConv(Conv2d):
 class DepthwiseConv(Conv2d):
     """Depthwise 3x3 convolution, zero padding. ``(B,C,H,W) -> (B,C,H,W)``, channels-last.
 
-    Runs through ``utils.depthwise``, whose backward is itself made of depthwise convolutions so
-    that double-backward (meta-learning) avoids PyTorch's slow per-group fallback on CPU.
+    Runs through ``utils.convolutions``, whose backward is itself made of depthwise convolutions,
+    so a double backward avoids PyTorch's slow per-group fallback on CPU.
     """
 
     def __init__(self, channels):

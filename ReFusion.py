@@ -36,7 +36,7 @@ def in_strips(local_fn, x):
     """
     height, width = x.shape[-2:]
     rows = max(8, STRIP_PIXELS // width)
-    if torch.is_grad_enabled() or height <= rows + 2:  # a strip with its halo is not split again
+    if torch.is_grad_enabled() or height <= rows:
         return local_fn(x)
     out = None
     for top in range(0, height, rows):
@@ -108,7 +108,7 @@ class DepthwiseConv(Conv2d):
         super().__init__(channels, channels, 3, groups=channels)
 
     def forward(self, x):
-        return depthwise_conv3x3(x.contiguous(memory_format=CHANNELS_LAST), self.weight)
+        return depthwise_conv3x3(x, self.weight)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -136,21 +136,22 @@ def gelu_gate(gate, value):
 def expand_part(x, expand, depthwise, part, parts):
     """Channel group ``part`` of ``parts`` equal groups of ``depthwise(pointwise(x))``.
 
-    Each group (q, k or v; gate or value) is computed on its own from its rows of both weights,
-    in strips when memory allows. Every part comes out contiguous, which the GELU, products and
+    Each group (q, k or v; gate or value) is computed on its own from its rows of both weights.
+    Every part comes out contiguous, which the GELU, products and
     transposes that follow need to run at full speed, and the widest map alive is one part: on
     a 256x256 image a 96- or 128-channel map (24-32 MB) spills out of this CPU's 32 MB L3 cache,
     where its convolutions run 2-5x slower per channel.
     """
     size = expand.weight.shape[0] // parts
     rows = slice(part * size, (part + 1) * size)
-    return in_strips(lambda t: depthwise_conv3x3(pointwise_conv(t, expand.weight[rows]),
-                                                 depthwise.weight[rows]), x)
+    return depthwise_conv3x3(pointwise_conv(x, expand.weight[rows]), depthwise.weight[rows])
 
 
-def expand_parts(x, expand, depthwise, parts):
-    """All ``parts`` groups of ``expand_part``, as a tuple."""
-    return tuple(expand_part(x, expand, depthwise, part, parts) for part in range(parts))
+def expand_parts_in_strips(x, expand, depthwise, parts):
+    """All ``parts`` groups of ``expand_part``, as a tuple, each computed with ``in_strips``
+    (for callers that are not already inside ``in_strips``)."""
+    return tuple(in_strips(lambda t, part=part: expand_part(t, expand, depthwise, part, parts), x)
+                 for part in range(parts))
 
 
 def row_major_copy(x):
@@ -250,7 +251,7 @@ class Attention(nn.Module):
         self.project_out = PointwiseConv(dim, dim)
 
     def forward(self, x):
-        q, k, v = expand_parts(x, self.qkv, self.qkv_dwconv, 3)
+        q, k, v = expand_parts_in_strips(x, self.qkv, self.qkv_dwconv, 3)
         return channel_attention(q, k, v, self.temperature, self.project_out.weight)
 
 
@@ -268,7 +269,7 @@ class FeedForward(nn.Module):
         self.project_out = PointwiseConv(hidden, dim)
 
     def forward(self, x):
-        gate, value = expand_parts(x, self.project_in, self.dwconv, 2)
+        gate, value = (expand_part(x, self.project_in, self.dwconv, part, 2) for part in range(2))
         return self.project_out(gelu_gate(gate, value))
 
 
@@ -320,8 +321,8 @@ class CrossAttentionMerge(nn.Module):
         self.project_out2 = PointwiseConv(dim * 4, dim * 2)
 
     def forward(self, x1, x2):
-        q1, k1, v1 = expand_parts(x1, self.qkv1, self.qkv1_dwconv, 3)
-        q2, k2, v2 = expand_parts(x2, self.qkv2, self.qkv2_dwconv, 3)
+        q1, k1, v1 = expand_parts_in_strips(x1, self.qkv1, self.qkv1_dwconv, 3)
+        q2, k2, v2 = expand_parts_in_strips(x2, self.qkv2, self.qkv2_dwconv, 3)
         x1 = x1 + channel_attention(q2, k1, v1, self.temperature1, self.project_mid1.weight)
         x2 = x2 + channel_attention(q1, k2, v2, self.temperature2, self.project_mid2.weight)
         return in_strips(self._expand, torch.cat([x1, x2], dim=1))

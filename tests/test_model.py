@@ -77,12 +77,27 @@ def test_plain_release_style_network_computes_the_same_function(size):
         assert (plain(x) - model(x)).abs().max() <= 1e-6
 
 
-def test_row_major_copy_is_exact_and_differentiable_twice():
-    x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_row_major_copy_is_exact(dtype):
+    """float32/64 go through OpenCV, other dtypes through torch; both must be exact copies."""
+    x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
     assert torch.equal(refusion_module.row_major_copy(x), x.contiguous().view(2, 6, 35))
+    strided = torch.randn(3, 4, 9)[:, :, ::2]  # non-contiguous input
+    assert torch.equal(refusion_module.transpose_copy(strided), strided.transpose(1, 2))
+
+
+def test_row_major_copy_is_differentiable_twice():
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     assert torch.autograd.gradcheck(refusion_module.row_major_copy, (x,))
     assert torch.autograd.gradgradcheck(refusion_module.row_major_copy, (x,))
+    grad = torch.randn(2, 6, 35, dtype=torch.float64)
+    (back,) = torch.autograd.grad(refusion_module.row_major_copy(x), x, grad)
+    assert back.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(back, grad.view(2, 6, 5, 7))
+    tangent = torch.randn_like(x)  # forward mode, as the meta-gradient's torch.func.jvp uses it
+    _, tangent_out = torch.func.jvp(refusion_module.row_major_copy, (x.detach(),), (tangent,))
+    assert torch.equal(tangent_out, tangent.contiguous().view(2, 6, 35))
 
 
 def test_functional_call_uses_substituted_parameters():

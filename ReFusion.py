@@ -224,7 +224,11 @@ def cosine_logits(q_rows, k_rows):
     if torch.is_grad_enabled() and (q_rows.requires_grad or k_rows.requires_grad):
         norm_q = torch.linalg.vector_norm(q_rows, dim=-1).clamp_min(1e-12)
         norm_k = torch.linalg.vector_norm(k_rows, dim=-1).clamp_min(1e-12)
-        return (q_rows @ k_rows.transpose(-2, -1)) / (norm_q[..., :, None] * norm_k[..., None, :])
+        # q k^T as a bilinear product whose gradients come back contiguous for both factors
+        # (autograd's matmul hands k a transposed one, which then meets k's contiguous norm gradient)
+        products = per_image_pointwise(q_rows.flatten(0, -3), k_rows.flatten(0, -3)).view(
+            *q_rows.shape[:-1], k_rows.shape[-2])
+        return products / (norm_q[..., :, None] * norm_k[..., None, :])
     return F.normalize(q_rows, dim=-1) @ F.normalize(k_rows, dim=-1).transpose(-2, -1)
 
 

@@ -210,6 +210,38 @@ class _TransposeCopy(torch.autograd.Function):
         return transpose_copy(tangent)
 
 
+class _RowNorms(torch.autograd.Function):
+    """L2 norms over the last axis, ``(..., N) -> (...)``, differentiable to any order.
+
+    Its gradient ``rows * (g / norm)`` guards the zero norms on the small ``g / norm`` tensor;
+    autograd's own masks the full-size product, one more pass over the maps per derivative.
+    """
+
+    @staticmethod
+    def forward(rows):
+        return torch.linalg.vector_norm(rows, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, norms = ctx.saved_tensors
+        return rows * _ratio(grad, norms)[..., None]
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        rows, norms = ctx.saved_tensors
+        return _ratio((rows * tangent).sum(-1), norms)
+
+
+def _ratio(numerator, norms):
+    """``numerator / norms``, 0 where a norm is 0 (the derivative of a norm at the origin)."""
+    return (numerator / norms).masked_fill(norms == 0, 0)
+
+
 def cosine_logits(q_rows, k_rows):
     """Cosine similarity of every q row with every k row: ``(..., c, N), (..., c, N) -> (..., c, c)``.
 
@@ -222,8 +254,7 @@ def cosine_logits(q_rows, k_rows):
     normalisation takes (~10% of a training step, ~20% of a double backward).
     """
     if torch.is_grad_enabled() and (q_rows.requires_grad or k_rows.requires_grad):
-        norm_q = torch.linalg.vector_norm(q_rows, dim=-1).clamp_min(1e-12)
-        norm_k = torch.linalg.vector_norm(k_rows, dim=-1).clamp_min(1e-12)
+        norm_q, norm_k = (_RowNorms.apply(rows).clamp_min(1e-12) for rows in (q_rows, k_rows))
         # q k^T as a bilinear product whose gradients come back contiguous for both factors
         # (autograd's matmul hands k a transposed one, which then meets k's contiguous norm gradient)
         products = per_image_pointwise(q_rows.flatten(0, -3), k_rows.flatten(0, -3)).view(

@@ -55,6 +55,22 @@ def test_training_and_inference_logits_are_the_same_cosine_similarities():
     assert torch.autograd.gradgradcheck(refusion_module.cosine_logits, (q[:1, :1, :, :6], k[:1, :1, :, :6]))
 
 
+def test_row_norms_derivatives_of_every_order_and_at_zero():
+    norms = refusion_module._RowNorms.apply
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.allclose(norms(rows), rows.norm(dim=-1), atol=1e-14)
+    assert torch.autograd.gradcheck(norms, (rows,))
+    assert torch.autograd.gradgradcheck(norms, (rows,))
+    tangent = torch.randn(rows.shape, dtype=torch.float64, generator=g)
+    _, ours = torch.func.jvp(norms, (rows.detach(),), (tangent,))
+    _, reference = torch.func.jvp(lambda r: r.norm(dim=-1), (rows.detach(),), (tangent,))
+    assert torch.allclose(ours, reference, atol=1e-12)
+    zero = torch.zeros(1, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(norms(zero).sum(), zero)
+    assert torch.equal(grad, torch.zeros_like(zero))
+
+
 def test_strips_give_the_same_result_as_one_pass(monkeypatch):
     model, x = random_model(), torch.rand(1, 2, 75, 40)
     with torch.enable_grad():

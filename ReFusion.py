@@ -161,10 +161,15 @@ def row_major_copy(x):
     Differentiable to any order; its gradient goes back channels-last, the layout of the
     convolutions upstream.
     """
+    return transpose_copy(pixel_rows(x))
+
+
+def pixel_rows(x):
+    """``(B,C,H,W) -> (B,H*W,C)``: a view of the map in channels-last memory (a copy only if
+    ``x`` is not channels-last)."""
     batch, channels, height, width = x.shape
-    pixel_rows = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1).reshape(
+    return x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1).reshape(
         batch, height * width, channels)
-    return transpose_copy(pixel_rows)
 
 
 def transpose_copy(x):
@@ -199,7 +204,7 @@ class _TransposeCopy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        pass  # nothing to save; a separate setup_context is what lets torch.func transform it
 
     @staticmethod
     def backward(ctx, grad):
@@ -286,9 +291,7 @@ def channel_attention(q, k, v, temperature, projection):
     attn = torch.softmax(cosine_logits(head_rows(q), head_rows(k)) * temperature, dim=-1)
     proj = projection.flatten(1).view(-1, heads, per_head)  # (Cout, heads, c_q)
     mixer = torch.einsum("ohi,bhij->bhjo", proj, attn).reshape(batch, channels, -1)  # (B, C, Cout)
-    tokens = v.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 1).reshape(
-        batch, height * width, channels)
-    out = per_image_pointwise(tokens, mixer.transpose(1, 2))  # (B, HW, Cout)
+    out = per_image_pointwise(pixel_rows(v), mixer.transpose(1, 2))  # (B, HW, Cout)
     return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 

@@ -13,14 +13,16 @@ parameters (the virtual steps of meta-learning) without any shadow copies.
 Speed: feature maps are kept in channels-last memory layout, so 1x1 and depthwise 3x3
 convolutions hit oneDNN's fast NHWC kernels and the channel LayerNorm is a plain
 ``F.layer_norm`` over the last axis; the attention output projection is folded into the (tiny)
-attention matrix so it costs no extra pass over the pixels (more in ARCHITECTURE.md).
+attention matrix so it costs no extra pass over the pixels; without gradients the GELU and the
+residual sums ride on the convolution or matmul before them (more in ARCHITECTURE.md).
 """
 import cv2
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.convolutions import depthwise_conv3x3, per_image_pointwise, pointwise_conv
+from utils.convolutions import (depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise,
+                                per_image_pointwise_add, pointwise_conv, pointwise_conv_add)
 
 CHANNELS_LAST = torch.channels_last
 STRIP_PIXELS = 1 << 16
@@ -127,15 +129,16 @@ class ChannelLayerNorm(nn.Module):
         return self.body(nhwc).permute(0, 3, 1, 2)
 
 
-def gelu_gate(gate, value):
-    """``gelu(gate) * value``; without autograd in place in ``gate``, which lowers peak memory."""
+def gate_product(gate, value):
+    """``gate * value``; without autograd in place in ``gate``, which lowers peak memory."""
     if torch.is_grad_enabled():
-        return F.gelu(gate) * value
-    return torch.ops.aten.gelu_(gate).mul_(value)
+        return gate * value
+    return gate.mul_(value)
 
 
-def expand_part(x, expand, depthwise, part, parts):
-    """Channel group ``part`` of ``parts`` equal groups of ``depthwise(pointwise(x))``.
+def expand_part(x, expand, depthwise, part, parts, gelu=False):
+    """Channel group ``part`` of ``parts`` equal groups of ``depthwise(pointwise(x))``, through
+    an exact GELU if ``gelu``.
 
     Each group (q, k or v; gate or value) is computed on its own from its rows of both weights.
     Every part comes out contiguous, which the GELU, products and
@@ -145,7 +148,8 @@ def expand_part(x, expand, depthwise, part, parts):
     """
     size = expand.weight.shape[0] // parts
     rows = slice(part * size, (part + 1) * size)
-    return depthwise_conv3x3(pointwise_conv(x, expand.weight[rows]), depthwise.weight[rows])
+    spatial = depthwise_conv3x3_gelu if gelu else depthwise_conv3x3
+    return spatial(pointwise_conv(x, expand.weight[rows]), depthwise.weight[rows])
 
 
 def expand_parts_in_strips(x, expand, depthwise, parts):
@@ -268,14 +272,15 @@ def cosine_logits(q_rows, k_rows):
     return F.normalize(q_rows, dim=-1) @ F.normalize(k_rows, dim=-1).transpose(-2, -1)
 
 
-def channel_attention(q, k, v, temperature, projection):
-    """Multi-head transposed attention with the output projection folded in.
+def channel_attention(q, k, v, temperature, projection, skip):
+    """``skip`` plus multi-head transposed attention with the output projection folded in.
 
     Per head h with c = C/heads channels, q, k, v are read as (c, HW) matrices;
     ``attn = softmax(norm(q) @ norm(k)^T * t_h)`` with rows L2-normalised over pixels, and the
     result is ``projection @ (attn @ v)`` (a 1x1 convolution).
 
-    q, k, v: ``(B,C,H,W)``; temperature: ``(heads,1,1)``; projection: ``(Cout,C,1,1)``.
+    q, k, v: ``(B,C,H,W)``; temperature: ``(heads,1,1)``; projection: ``(Cout,C,1,1)``;
+    skip: ``(B,Cout,H,W)``.
     Returns ``(B,Cout,H,W)`` channels-last.
 
     ``projection @ blockdiag(attn)`` is only ``(Cout, C)``, so applying attention and projection
@@ -291,7 +296,7 @@ def channel_attention(q, k, v, temperature, projection):
     attn = torch.softmax(cosine_logits(head_rows(q), head_rows(k)) * temperature, dim=-1)
     proj = projection.flatten(1).view(-1, heads, per_head)  # (Cout, heads, c_q)
     mixer = torch.einsum("ohi,bhij->bhjo", proj, attn).reshape(batch, channels, -1)  # (B, C, Cout)
-    out = per_image_pointwise(pixel_rows(v), mixer.transpose(1, 2))  # (B, HW, Cout)
+    out = per_image_pointwise_add(pixel_rows(v), mixer.transpose(1, 2), pixel_rows(skip))
     return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -305,9 +310,10 @@ class Attention(nn.Module):
         self.qkv_dwconv = DepthwiseConv(dim * 3)
         self.project_out = PointwiseConv(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, skip):
+        """``skip + MDTA(x)``."""
         q, k, v = expand_parts_in_strips(x, self.qkv, self.qkv_dwconv, 3)
-        return channel_attention(q, k, v, self.temperature, self.project_out.weight)
+        return channel_attention(q, k, v, self.temperature, self.project_out.weight, skip)
 
 
 class FeedForward(nn.Module):
@@ -323,9 +329,11 @@ class FeedForward(nn.Module):
         self.dwconv = DepthwiseConv(hidden * 2)
         self.project_out = PointwiseConv(hidden, dim)
 
-    def forward(self, x):
-        gate, value = (expand_part(x, self.project_in, self.dwconv, part, 2) for part in range(2))
-        return self.project_out(gelu_gate(gate, value))
+    def forward(self, x, skip):
+        """``skip + GDFN(x)``."""
+        gate = expand_part(x, self.project_in, self.dwconv, 0, 2, gelu=True)
+        value = expand_part(x, self.project_in, self.dwconv, 1, 2)
+        return pointwise_conv_add(gate_product(gate, value), self.project_out.weight, skip)
 
 
 class TransformerBlock(nn.Module):
@@ -339,8 +347,8 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(dim, expansion)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return in_strips(lambda t: t + self.ffn(self.norm2(t)), x)
+        x = self.attn(self.norm1(x), x)
+        return in_strips(lambda t: self.ffn(self.norm2(t), t), x)
 
 
 def _blocks(count, dim, heads, expansion):
@@ -378,17 +386,20 @@ class CrossAttentionMerge(nn.Module):
     def forward(self, x1, x2):
         q1, k1, v1 = expand_parts_in_strips(x1, self.qkv1, self.qkv1_dwconv, 3)
         q2, k2, v2 = expand_parts_in_strips(x2, self.qkv2, self.qkv2_dwconv, 3)
-        x1 = x1 + channel_attention(q2, k1, v1, self.temperature1, self.project_mid1.weight)
-        x2 = x2 + channel_attention(q1, k2, v2, self.temperature2, self.project_mid2.weight)
+        x1 = channel_attention(q2, k1, v1, self.temperature1, self.project_mid1.weight, x1)
+        x2 = channel_attention(q1, k2, v2, self.temperature2, self.project_mid2.weight, x2)
         return in_strips(self._expand, torch.cat([x1, x2], dim=1))
 
     def _expand(self, merged):
-        x1, x2 = merged.chunk(2, dim=1)
+        out = merged
+        branches = ((self.project_E1, self.project_E1_d, self.project_out1),
+                    (self.project_E2, self.project_E2_d, self.project_out2))
         # one branch at a time, so only one branch's wide maps are alive (see expand_part)
-        gate1 = expand_part(merged, self.project_E, self.project_E_d, 0, 2)
-        out = merged + self.project_out1(gelu_gate(gate1, self.project_E1_d(self.project_E1(x1))))
-        gate2 = expand_part(merged, self.project_E, self.project_E_d, 1, 2)
-        return out + self.project_out2(gelu_gate(gate2, self.project_E2_d(self.project_E2(x2))))
+        for part, (x, (expand, depthwise, project)) in enumerate(zip(merged.chunk(2, dim=1), branches)):
+            gate = expand_part(merged, self.project_E, self.project_E_d, part, 2, gelu=True)
+            value = depthwise(expand(x))
+            out = pointwise_conv_add(gate_product(gate, value), project.weight, out)
+        return out
 
 
 class _SourceEncoders(nn.Module):

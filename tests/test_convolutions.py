@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.convolutions import depthwise_conv3x3, per_image_pointwise, pointwise_conv
+from utils.convolutions import (depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise,
+                                per_image_pointwise_add, pointwise_conv, pointwise_conv_add)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -61,3 +62,30 @@ def test_matches_grouped_conv2d_and_its_gradients():
     x = torch.randn(2, 4, 7, 5, requires_grad=True)
     w = torch.randn(4, 1, 3, 3, requires_grad=True)
     _assert_same_values_and_gradients(depthwise_conv3x3(x, w), F.conv2d(x, w, padding=1, groups=4), (x, w))
+
+
+def test_inference_fusions_match_the_differentiable_path():
+    """Without autograd the GELU and the residual adds run fused (oneDNN post-ops, baddbmm);
+    with autograd they are the plain composition. Both must give the same values."""
+    g = torch.Generator().manual_seed(3)
+    layout = torch.channels_last
+    x = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=layout)
+    depthwise = torch.randn(6, 1, 3, 3, generator=g)
+    pointwise = torch.randn(4, 6, 1, 1, generator=g)
+    residual = torch.randn(2, 4, 9, 7, generator=g).contiguous(memory_format=layout)
+    rows, mixer, row_residual = (torch.randn(shape, generator=g)
+                                 for shape in ((2, 63, 6), (2, 4, 6), (2, 63, 4)))
+    cases = [(depthwise_conv3x3_gelu, (x, depthwise), lambda x, w: F.gelu(F.conv2d(x, w, padding=1, groups=6)), 1e-6),
+             (pointwise_conv_add, (x, pointwise, residual), lambda x, w, r: r + F.conv2d(x, w), 0),
+             (per_image_pointwise_add, (rows, mixer, row_residual), lambda x, w, r: r + x @ w.transpose(1, 2), 0)]
+    for fn, inputs, reference, tolerance in cases:
+        with torch.no_grad():
+            fused = fn(*inputs)
+        expected = reference(*inputs)
+        assert fused.shape == expected.shape
+        assert (fused - expected).abs().max() <= tolerance * expected.abs().max()
+        tracked = [t.clone().requires_grad_() for t in inputs]
+        differentiable = fn(*tracked)
+        assert differentiable.grad_fn is not None
+        assert (differentiable.detach() - expected).abs().max() <= 1e-6 * expected.abs().max()
+        assert torch.autograd.gradcheck(fn, [t.double().requires_grad_() for t in inputs])

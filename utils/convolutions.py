@@ -150,6 +150,47 @@ def pointwise_conv(x, weight):
     return _apply(x, weight, _SharedPointwise)
 
 
+def _fusable(x, weight):
+    """Whether oneDNN post-op fusion applies: no autograd graph to record, float32 on CPU."""
+    return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
+
+
+def depthwise_conv3x3_gelu(x, weight):
+    """``gelu(depthwise_conv3x3(x, weight))`` with the exact (erf) GELU.
+
+    Without autograd on CPU this is one oneDNN convolution with the GELU as its post-op, which
+    saves a pass over the (widest) maps; oneDNN's erf differs from PyTorch's by float32 rounding
+    (max |diff| ~5e-7 on values ~5).
+    """
+    if _fusable(x, weight):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.contiguous(memory_format=CHANNELS_LAST), weight, None, [1, 1], [1, 1], [1, 1],
+            weight.shape[0], "gelu", [], "none")
+    return F.gelu(depthwise_conv3x3(x, weight))
+
+
+def pointwise_conv_add(x, weight, residual):
+    """``residual + pointwise_conv(x, weight)``; without autograd on CPU the add is the
+    convolution's post-op (same values, one pass over the maps fewer)."""
+    if _fusable(x, weight) and residual.shape[1] == weight.shape[0]:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x.contiguous(memory_format=CHANNELS_LAST),
+            residual.contiguous(memory_format=CHANNELS_LAST), weight, None, [0, 0], [1, 1],
+            [1, 1], 1, "add", None, None, [], None)
+    return residual + pointwise_conv(x, weight)
+
+
 def per_image_pointwise(rows, weight):
     """A different 1x1 convolution per image, on pixel rows: ``(B,N,Cin), (B,Cout,Cin) -> (B,N,Cout)``."""
     return _apply(rows, weight, _PerImagePointwise)
+
+
+def per_image_pointwise_add(rows, weight, residual):
+    """``residual + per_image_pointwise(rows, weight)``, residual ``(B,N,Cout)``; without
+    autograd one ``baddbmm`` (same values, one pass over the maps fewer)."""
+    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
+                                    or residual.requires_grad):
+        return residual + per_image_pointwise(rows, weight)
+    return torch.baddbmm(residual, rows, weight.transpose(-1, -2))

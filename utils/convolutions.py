@@ -151,10 +151,11 @@ def pointwise_conv(x, weight):
 
 
 def _fusable(x, weight):
-    """Whether oneDNN post-op fusion applies: no autograd graph to record, float32 on CPU."""
+    """Whether oneDNN post-op fusion applies: no autograd graph to record, float32 on CPU, oneDNN
+    present and not switched off (``torch.backends.mkldnn.flags(enabled=False)``)."""
     return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 def depthwise_conv3x3_gelu(x, weight):

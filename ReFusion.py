@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.convolutions import (depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise,
-                                per_image_pointwise_add, pointwise_conv, pointwise_conv_add)
+                                per_image_pointwise_add, pointwise_conv, pointwise_conv_add,
+                                records_graph)
 
 CHANNELS_LAST = torch.channels_last
 STRIP_PIXELS = 1 << 16
@@ -262,7 +263,7 @@ def cosine_logits(q_rows, k_rows):
     scaling per map instead of the several passes over both maps that differentiating the
     normalisation takes (~10% of a training step, ~20% of a double backward).
     """
-    if torch.is_grad_enabled() and (q_rows.requires_grad or k_rows.requires_grad):
+    if records_graph(q_rows, k_rows):
         norm_q, norm_k = (_RowNorms.apply(rows).clamp_min(1e-12) for rows in (q_rows, k_rows))
         # q k^T as a bilinear product whose gradients come back contiguous for both factors
         # (autograd's matmul hands k a transposed one, which then meets k's contiguous norm gradient)

@@ -89,3 +89,15 @@ def test_inference_fusions_match_the_differentiable_path():
         assert differentiable.grad_fn is not None
         assert (differentiable.detach() - expected).abs().max() <= 1e-6 * expected.abs().max()
         assert torch.autograd.gradcheck(fn, [t.double().requires_grad_() for t in inputs])
+
+
+def test_fused_sums_keep_the_residuals_gradient():
+    """A residual that alone needs a gradient must take the differentiable path, not the fused one."""
+    x = torch.randn(1, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 2, 4, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(pointwise_conv_add(x, torch.randn(2, 3, 1, 1), residual).sum(), residual)
+    assert torch.equal(grad, torch.ones_like(residual))
+    row_residual = torch.randn(1, 20, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        per_image_pointwise_add(torch.randn(1, 20, 3), torch.randn(1, 2, 3), row_residual).sum(), row_residual)
+    assert torch.equal(grad, torch.ones_like(row_residual))

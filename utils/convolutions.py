@@ -134,8 +134,13 @@ class _Gram(_KindFunction):
         return d_grad_out, d_x, None
 
 
+def records_graph(*tensors):
+    """Whether an operation on ``tensors`` would be recorded by autograd."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _apply(x, weight, kind):
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if records_graph(x, weight):
         return _Product.apply(x, weight, kind)
     return kind.product(x, weight)
 
@@ -150,11 +155,10 @@ def pointwise_conv(x, weight):
     return _apply(x, weight, _SharedPointwise)
 
 
-def _fusable(x, weight):
+def _fusable(x, *others):
     """Whether oneDNN post-op fusion applies: no autograd graph to record, float32 on CPU, oneDNN
     present and not switched off (``torch.backends.mkldnn.flags(enabled=False)``)."""
-    return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.device.type == "cpu" and x.dtype == torch.float32
+    return (not records_graph(x, *others) and x.device.type == "cpu" and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
@@ -173,9 +177,9 @@ def depthwise_conv3x3_gelu(x, weight):
 
 
 def pointwise_conv_add(x, weight, residual):
-    """``residual + pointwise_conv(x, weight)``; without autograd on CPU the add is the
-    convolution's post-op (same values, one pass over the maps fewer)."""
-    if _fusable(x, weight) and residual.shape[1] == weight.shape[0]:
+    """``residual + pointwise_conv(x, weight)``, residual ``(B,Cout,H,W)``; without autograd on CPU
+    the add is the convolution's post-op (same values, one pass over the maps fewer)."""
+    if _fusable(x, weight, residual):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x.contiguous(memory_format=CHANNELS_LAST),
             residual.contiguous(memory_format=CHANNELS_LAST), weight, None, [0, 0], [1, 1],
@@ -191,7 +195,6 @@ def per_image_pointwise(rows, weight):
 def per_image_pointwise_add(rows, weight, residual):
     """``residual + per_image_pointwise(rows, weight)``, residual ``(B,N,Cout)``; without
     autograd one ``baddbmm`` (same values, one pass over the maps fewer)."""
-    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
-                                    or residual.requires_grad):
+    if records_graph(rows, weight, residual):
         return residual + per_image_pointwise(rows, weight)
     return torch.baddbmm(residual, rows, weight.transpose(-1, -2))

@@ -23,6 +23,7 @@ task = "IVIF"                 # recorded in config.json; IVIF | MIF | MFIF | MEI
 epochs = 50
 batch_size = 2
 lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
+lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
 lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
 lr_gamma = 0.1
 max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
@@ -78,8 +79,8 @@ def empty_sums():
     return {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
 
 
-def lr_at(config, epoch):
-    return config["lr"] * config["lr_gamma"] ** (epoch // config["lr_step"])
+def lr_at(config, epoch, key="lr"):
+    return (config.get(key) or config["lr"]) * config["lr_gamma"] ** (epoch // config["lr_step"])
 
 
 class Trainer:
@@ -194,7 +195,7 @@ class Trainer:
                     self.lpn_grads = grads if self.lpn_grads is None else [
                         a + g for a, g in zip(self.lpn_grads, grads)]
                     if (k + 1) % c["accumulation_steps"] == 0 or k + 1 == meta_steps:
-                        apply_normalised_step(self.lpn, self.lpn_grads, rate)
+                        apply_normalised_step(self.lpn, self.lpn_grads, lr_at(c, self.epoch, "lpn_lr"))
                         self.lpn_grads = None
                     self.sums["meta"] += loss.item()
                     self.sums["meta_n"] += 1

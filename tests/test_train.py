@@ -154,6 +154,20 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     assert ship(["--run", other_dir, "--models", str(models), "--force"]) == 0
 
 
+def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
+    """One epoch with one update of P: its largest parameter change is exactly ``lpn_lr``
+    (the step is ``lpn_lr * g / max|g|``), and stage 2 does not move P."""
+    _, data = patches
+    args = TINY + ["--data", str(data), "--epochs", "1", "--max_meta_step", "2", "--lpn_lr", "0.25"]
+    config = train_script.parse_config(args + ["--exp_dir", str(tmp_path / "init")])
+    initial = {k: v.clone() for k, v in train_script.Trainer(config, str(tmp_path)).lpn.state_dict().items()}
+    run_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
+    assert finished
+    trained = weights(run_dir)["LPN"]
+    largest = max((trained[k] - initial[k]).abs().max().item() for k in initial)
+    assert largest == pytest.approx(0.25, rel=1e-5)
+
+
 def test_train_errors(tmp_path, capsys):
     assert train_script.main(["--data", str(tmp_path / "none.h5"), "--exp_dir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""What a training run's loss proposal module P asks for, epoch by epoch.
+
+    python bench/lpn_report.py --run exp/IVIF/<run> --task IVIF
+
+P's per-pixel weights define F's loss. Nearly flat weights (0.5 everywhere) ask F for the mean
+of the two sources and of their gradients; a P that weights by position rather than content gives
+the first input the same weight whichever source it is. For each ``LPN_epoch<N>.pth`` this prints,
+on the first ``--pairs`` test pairs (a ``--size`` crop of each, Y channel), the mean and per-pixel
+standard deviation of the first input's intensity and gradient weights in both source orders,
+and how often the gradient weight favours the source with the larger Sobel gradient.
+"""
+import argparse
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.quality_report import SHARED, TEST_FOLDERS  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="training run folder with LPN_epoch<N>.pth")
+    parser.add_argument("--task", required=True, choices=sorted(TEST_FOLDERS))
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+
+    import torch
+
+    from ReFusion import LPN
+    from utils.image import pair_images, read_rgb, to_ycrcb
+    from utils.losses import gradient_map
+
+    first, second = (os.path.join(SHARED, "datasets", args.task, "test", d) for d in TEST_FOLDERS[args.task])
+    crops = []
+    for _, path1, path2 in pair_images(first, second)[:args.pairs]:
+        luma = [torch.from_numpy(to_ycrcb(read_rgb(p))[..., 0] / 255.0).float() for p in (path1, path2)]
+        crops.append(torch.stack(luma)[None, :, :args.size, :args.size])
+    pairs = torch.cat(crops)
+    names = TEST_FOLDERS[args.task]
+    epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)
+                                              for f in os.listdir(args.run)) if m)
+    print(f"| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
+    print("|---|---|---|---|---|")
+    for epoch in epochs:
+        lpn = LPN()
+        lpn.load_state_dict(torch.load(os.path.join(args.run, f"LPN_epoch{epoch}.pth"), map_location="cpu"))
+        for order, x in (((names[0], names[1]), pairs), ((names[1], names[0]), pairs.flip(1))):
+            with torch.no_grad():
+                w_int, w_grad = lpn(x)
+                larger = gradient_map(x[:, :1]) > gradient_map(x[:, 1:])
+            agrees = ((w_grad[:, :1] > 0.5) == larger).float().mean()
+            print(f"| {epoch} | {', '.join(order)} | {w_int[:, 0].mean():.3f} ({w_int[:, 0].std():.3f}) | "
+                  f"{w_grad[:, 0].mean():.3f} ({w_grad[:, 0].std():.3f}) | {agrees:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,11 @@ def main():
     from utils.image import pair_images, read_rgb, to_ycrcb
     from utils.losses import gradient_map
 
+    if not os.path.isdir(args.run):
+        sys.exit(f"error: no training run folder {args.run}")
     first, second = (os.path.join(SHARED, "datasets", args.task, "test", d) for d in TEST_FOLDERS[args.task])
+    if not os.path.isdir(first):
+        sys.exit(f"error: no shared test set at {first}")
     crops = []
     for _, path1, path2 in pair_images(first, second)[:args.pairs]:
         luma = [torch.from_numpy(to_ycrcb(read_rgb(p))[..., 0] / 255.0).float() for p in (path1, path2)]
@@ -42,6 +46,8 @@ def main():
     names = TEST_FOLDERS[args.task]
     epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)
                                               for f in os.listdir(args.run)) if m)
+    if not epochs:
+        sys.exit(f"error: no LPN_epoch<N>.pth in {args.run}")
     print(f"| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
     print("|---|---|---|---|---|")
     for epoch in epochs:

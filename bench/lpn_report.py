@@ -30,7 +30,8 @@ def main():
     import torch
 
     from ReFusion import LPN
-    from utils.image import pair_images, read_rgb, to_ycrcb
+    from utils.fuse import luma_batch, read_pair
+    from utils.image import pair_images, to_ycrcb
     from utils.losses import gradient_map
 
     if not os.path.isdir(args.run):
@@ -40,8 +41,8 @@ def main():
         sys.exit(f"error: no shared test set at {first}")
     crops = []
     for _, path1, path2 in pair_images(first, second)[:args.pairs]:
-        luma = [torch.from_numpy(to_ycrcb(read_rgb(p))[..., 0] / 255.0).float() for p in (path1, path2)]
-        crops.append(torch.stack(luma)[None, :, :args.size, :args.size])
+        rgb1, rgb2 = read_pair(path1, path2)
+        crops.append(luma_batch(to_ycrcb(rgb1), to_ycrcb(rgb2))[..., :args.size, :args.size])
     pairs = torch.cat(crops)
     names = TEST_FOLDERS[args.task]
     epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)

@@ -14,6 +14,11 @@ def read_pair(path1, path2):
     return rgb1, rgb2
 
 
+def luma_batch(ycrcb1, ycrcb2):
+    """The networks' input from two YCrCb [0,255] images: ``(1,2,H,W)`` float32 Y in [0,1]."""
+    return torch.from_numpy(np.stack([ycrcb1[..., 0], ycrcb2[..., 0]])[None] / np.float32(255))
+
+
 @torch.no_grad()
 def fuse_rgb(model, rgb1, rgb2, device):
     """Fuse two registered RGB float32 [0,255] images.
@@ -22,8 +27,7 @@ def fuse_rgb(model, rgb1, rgb2, device):
     colour result as uint8 ``(H,W,3)`` (else None).
     """
     ycrcb1, ycrcb2 = to_ycrcb(rgb1), to_ycrcb(rgb2)
-    sources = np.stack([ycrcb1[..., 0], ycrcb2[..., 0]])[None] / np.float32(255)
-    fused = model(torch.from_numpy(sources).to(device))[0, 0].float().cpu().numpy()
+    fused = model(luma_batch(ycrcb1, ycrcb2).to(device))[0, 0].float().cpu().numpy()
     grey255 = stretch(fused) * np.float32(255)
     chroma = output_chroma(rgb1, rgb2, ycrcb1, ycrcb2)
     return to_uint8(grey255), (None if chroma is None else colourise(grey255, chroma))

@@ -58,8 +58,12 @@ class TrainError(UserError):
     pass
 
 
+def default_config():
+    return {k: globals()[k] for k in CONFIG_KEYS}
+
+
 def parse_config(argv):
-    defaults = {k: globals()[k] for k in CONFIG_KEYS}
+    defaults = default_config()
     parser = argparse.ArgumentParser(description="Train ReFusion.")
     for key, value in defaults.items():
         parser.add_argument(f"--{key}", type=type(value), default=None)
@@ -80,7 +84,7 @@ def empty_sums():
 
 
 def lr_at(config, epoch, key="lr"):
-    return (config.get(key) or config["lr"]) * config["lr_gamma"] ** (epoch // config["lr_step"])
+    return (config[key] or config["lr"]) * config["lr_gamma"] ** (epoch // config["lr_step"])
 
 
 class Trainer:
@@ -175,7 +179,7 @@ class Trainer:
         c = self.config
         while self.epoch < c["epochs"]:
             started = time.time()
-            rate = lr_at(c, self.epoch)
+            rate, lpn_rate = lr_at(c, self.epoch), lr_at(c, self.epoch, "lpn_lr")
             for optimiser in (self.opt_fusion, self.opt_recon):
                 for group in optimiser.param_groups:
                     group["lr"] = rate
@@ -195,7 +199,7 @@ class Trainer:
                     self.lpn_grads = grads if self.lpn_grads is None else [
                         a + g for a, g in zip(self.lpn_grads, grads)]
                     if (k + 1) % c["accumulation_steps"] == 0 or k + 1 == meta_steps:
-                        apply_normalised_step(self.lpn, self.lpn_grads, lr_at(c, self.epoch, "lpn_lr"))
+                        apply_normalised_step(self.lpn, self.lpn_grads, lpn_rate)
                         self.lpn_grads = None
                     self.sums["meta"] += loss.item()
                     self.sums["meta_n"] += 1
@@ -257,7 +261,8 @@ def train(argv):
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
         run_dir = os.path.dirname(os.path.abspath(config["resume"]))
         overrides = {k: config[k] for k in ("device", "threads")}
-        config = {**state["config"], **overrides, "resume": config["resume"]}
+        # keys added since the checkpoint was written take their defaults
+        config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
     else:
         run_dir = new_run_dir(config["exp_dir"])
     trainer = Trainer(config, run_dir)

@@ -466,11 +466,20 @@ class LPN(_SourceEncoders):
         self.act = nn.PReLU()
         self.project_out_1 = Conv2d(dim, 4, 3)
 
-    def forward(self, x):
+    def forward(self, x, exchanged=False):
+        """``exchanged=True``: ``x`` is an input-exchanged batch (``utils.meta.exchange``: the
+        pairs as (A,B), then the same pairs as (B,A)). Each source's logits are then averaged
+        over its two positions, so the second half's weights are exactly the first half's with
+        the sources swapped: P cannot favour an input for its position. Not in the release.
+        """
         out = torch.cat(self.encode(x), dim=1)
         for block in self.decoder:
             out = block(out)
         logits = self.project_out_1(self.act(self.project_out_0(out))).contiguous()
+        if exchanged:
+            as_given, swapped = logits.chunk(2)
+            first = (as_given + swapped[:, [1, 0, 3, 2]]) / 2
+            logits = torch.cat([first, first[:, [1, 0, 3, 2]]])
         return torch.softmax(logits[:, :2], dim=1), torch.softmax(logits[:, 2:], dim=1)
 
 

@@ -24,6 +24,7 @@ epochs = 50
 batch_size = 2
 lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
 lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
+symmetric_lpn = False         # P's two source orders averaged: no favouring an input by position (not in the release)
 lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
 lr_gamma = 0.1
 max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
@@ -62,11 +63,20 @@ def default_config():
     return {k: globals()[k] for k in CONFIG_KEYS}
 
 
+def parse_bool(text):
+    """``--key true|false|1|0|yes|no`` for the boolean keys of the config block."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    return value
+
+
 def parse_config(argv):
     defaults = default_config()
     parser = argparse.ArgumentParser(description="Train ReFusion.")
     for key, value in defaults.items():
-        parser.add_argument(f"--{key}", type=type(value), default=None)
+        parser.add_argument(f"--{key}", type=parse_bool if isinstance(value, bool) else type(value),
+                            default=None)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     config = dict(defaults)
     preset_name = given.get("preset", config["preset"])
@@ -168,7 +178,7 @@ class Trainer:
         from utils.meta import LossWeights
         c = self.config
         return LossWeights(c["c_int"], c["c_grad"] * (self.epoch + 1) / c["epochs"],
-                           c["recon_c_int"], c["recon_c_grad"])
+                           c["recon_c_int"], c["recon_c_grad"], c["symmetric_lpn"])
 
     def run(self):
         from tqdm import tqdm

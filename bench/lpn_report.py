@@ -6,10 +6,12 @@ P's per-pixel weights define F's loss. Nearly flat weights (0.5 everywhere) ask 
 of the two sources and of their gradients; a P that weights by position rather than content gives
 the first input the same weight whichever source it is. For each ``LPN_epoch<N>.pth`` this prints,
 on the first ``--pairs`` test pairs (a ``--size`` crop of each, Y channel), the mean and per-pixel
-standard deviation of the first input's intensity and gradient weights in both source orders,
+standard deviation of the first input's intensity and gradient weights in both source orders
+(averaged over the orders when the run used ``--symmetric_lpn``),
 and how often the gradient weight favours the source with the larger Sobel gradient.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -33,6 +35,7 @@ def main():
     from utils.fuse import luma_batch, read_pair
     from utils.image import pair_images, to_ycrcb
     from utils.losses import gradient_map
+    from utils.meta import exchange
 
     if not os.path.isdir(args.run):
         sys.exit(f"error: no training run folder {args.run}")
@@ -49,15 +52,20 @@ def main():
                                               for f in os.listdir(args.run)) if m)
     if not epochs:
         sys.exit(f"error: no LPN_epoch<N>.pth in {args.run}")
+    config_path = os.path.join(args.run, "config.json")
+    symmetric = os.path.isfile(config_path) and json.load(open(config_path)).get("symmetric_lpn", False)
+    both_orders = exchange(pairs)
+    print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
     print(f"| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
     print("|---|---|---|---|---|")
     for epoch in epochs:
         lpn = LPN()
         lpn.load_state_dict(torch.load(os.path.join(args.run, f"LPN_epoch{epoch}.pth"), map_location="cpu"))
-        for order, x in (((names[0], names[1]), pairs), ((names[1], names[0]), pairs.flip(1))):
-            with torch.no_grad():
-                w_int, w_grad = lpn(x)
-                larger = gradient_map(x[:, :1]) > gradient_map(x[:, 1:])
+        with torch.no_grad():
+            proposals = lpn(both_orders, exchanged=symmetric)
+        for half, (order, x) in enumerate((((names[0], names[1]), pairs), ((names[1], names[0]), pairs.flip(1)))):
+            w_int, w_grad = (w.chunk(2)[half] for w in proposals)
+            larger = gradient_map(x[:, :1]) > gradient_map(x[:, 1:])
             agrees = ((w_grad[:, :1] > 0.5) == larger).float().mean()
             print(f"| {epoch} | {', '.join(order)} | {w_int[:, 0].mean():.3f} ({w_int[:, 0].std():.3f}) | "
                   f"{w_grad[:, 0].mean():.3f} ({w_grad[:, 0].std():.3f}) | {agrees:.2f} |")

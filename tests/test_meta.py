@@ -24,6 +24,11 @@ def test_lpn_meta_gradient_matches_finite_difference():
     inner, outer = batches()
     weights, alpha = LossWeights(fusion_grad=0.5), 0.5  # large alpha: a strong second-order path
     _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)
+
+
+def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads):
+    """P's gradient along a random direction equals a central difference of the outer loss."""
     base = {k: v.detach() for k, v in params(lpn).items()}
     direction = {k: torch.randn_like(v) for k, v in base.items()}
     analytic = sum((g * direction[k]).sum() for k, g in zip(base, grads))
@@ -94,3 +99,24 @@ def test_losses_by_hand():
     assert torch.isclose(intensity_only, torch.tensor((0.5 * 0.25) ** 2 + (0.5 * 0.75) ** 2))
     recon = torch.stack([torch.full((3, 3), 0.5), torch.full((3, 3), 0.9)])[None]
     assert torch.isclose(reconstruction_loss(sources, recon, c_grad=0.0), torch.tensor(0.25))
+
+
+def test_symmetric_proposals_are_swapped_between_the_two_source_orders():
+    _, _, lpn = tiny_networks()
+    inner, _ = batches()
+    inputs = exchange(inner)
+    first, second = slice(0, 2), slice(2, 4)
+    for w in lpn(inputs, exchanged=True):
+        assert torch.allclose(w[second], w[first].flip(1), rtol=0, atol=1e-15)
+    plain = lpn(inputs)[1]
+    assert not torch.allclose(plain[second], plain[first].flip(1), atol=1e-3)  # not so by itself
+
+
+def test_lpn_meta_gradient_with_symmetric_proposals_matches_finite_difference():
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    weights, alpha = LossWeights(fusion_grad=0.5, symmetric_proposals=True), 0.5
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
+    _, plain_grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, LossWeights(fusion_grad=0.5))
+    assert not all(torch.allclose(g, p) for g, p in zip(grads, plain_grads))
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)

@@ -168,6 +168,17 @@ def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
     assert largest == pytest.approx(0.25, rel=1e-5)
 
 
+def test_symmetric_lpn_flag_reaches_the_losses(patches, tmp_path, capsys):
+    _, data = patches
+    for text, value in (("true", True), ("0", False), ("No", False)):
+        config = train_script.parse_config(["--data", str(data), "--symmetric_lpn", text])
+        assert config["symmetric_lpn"] is value
+        assert train_script.Trainer(config, str(tmp_path)).loss_weights().symmetric_proposals is value
+    with pytest.raises(SystemExit):
+        train_script.parse_config(["--symmetric_lpn", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_train_errors(tmp_path, capsys):
     assert train_script.main(["--data", str(tmp_path / "none.h5"), "--exp_dir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err

@@ -20,11 +20,13 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 
 @dataclass
 class LossWeights:
-    """Coefficients of both losses; ``fusion_grad`` is already scaled by (epoch+1)/epochs."""
+    """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), and
+    whether P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``)."""
     fusion_int: float = 1.0
     fusion_grad: float = 1.0
     recon_int: float = 1.0
     recon_grad: float = 1.0
+    symmetric_proposals: bool = False
 
 
 def exchange(batch):
@@ -63,7 +65,7 @@ def inner_steps(fusion, recon, lpn, lpn_params, batch, alpha, weights):
     """
     fusion_params = params(fusion)
     inputs = exchange(batch)
-    w_int, w_grad = functional_call(lpn, lpn_params, (inputs,))
+    w_int, w_grad = functional_call(lpn, lpn_params, (inputs, weights.symmetric_proposals))
     fused = functional_call(fusion, fusion_params, (inputs,))
     inner_loss = fusion_loss(inputs, fused, w_int.detach(), w_grad.detach(),
                              weights.fusion_int, weights.fusion_grad)
@@ -130,7 +132,7 @@ def fusion_step(fusion, recon, lpn, batch, weights, fusion_optimizer, recon_opti
     ``L_r(R(F(x).detach()))``. Returns the two losses as floats."""
     inputs = exchange(batch)
     with torch.no_grad():
-        w_int, w_grad = lpn(inputs)
+        w_int, w_grad = lpn(inputs, weights.symmetric_proposals)
     fused = fusion(inputs)
     loss_f = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
     fusion_optimizer.zero_grad(set_to_none=True)

@@ -477,9 +477,10 @@ class LPN(_SourceEncoders):
             out = block(out)
         logits = self.project_out_1(self.act(self.project_out_0(out))).contiguous()
         if exchanged:
+            swap = [1, 0, 3, 2]  # (int_A, int_B, grad_A, grad_B) -> the other source order
             as_given, swapped = logits.chunk(2)
-            first = (as_given + swapped[:, [1, 0, 3, 2]]) / 2
-            logits = torch.cat([first, first[:, [1, 0, 3, 2]]])
+            first = (as_given + swapped[:, swap]) / 2
+            logits = torch.cat([first, first[:, swap]])
         return torch.softmax(logits[:, :2], dim=1), torch.softmax(logits[:, 2:], dim=1)
 
 

@@ -19,6 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.quality_report import SHARED, TEST_FOLDERS  # noqa: E402
+from utils.errors import run_script  # noqa: E402
 
 
 def main():
@@ -32,6 +33,7 @@ def main():
     import torch
 
     from ReFusion import LPN
+    from utils.checkpoint import load_weights
     from utils.fuse import luma_batch, read_pair
     from utils.image import pair_images, to_ycrcb
     from utils.losses import gradient_map
@@ -53,18 +55,20 @@ def main():
     if not epochs:
         sys.exit(f"error: no LPN_epoch<N>.pth in {args.run}")
     config_path = os.path.join(args.run, "config.json")
-    symmetric = os.path.isfile(config_path) and json.load(open(config_path)).get("symmetric_lpn", False)
+    symmetric = False
+    if os.path.isfile(config_path):
+        with open(config_path) as stream:
+            symmetric = json.load(stream).get("symmetric_lpn", False)
     both_orders = exchange(pairs)
+    orders = (names, names[::-1])
     print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
-    print(f"| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
+    print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
     print("|---|---|---|---|---|")
     for epoch in epochs:
-        lpn = LPN()
-        lpn.load_state_dict(torch.load(os.path.join(args.run, f"LPN_epoch{epoch}.pth"), map_location="cpu"))
+        lpn = load_weights(LPN(), os.path.join(args.run, f"LPN_epoch{epoch}.pth"))
         with torch.no_grad():
-            proposals = lpn(both_orders, exchanged=symmetric)
-        for half, (order, x) in enumerate((((names[0], names[1]), pairs), ((names[1], names[0]), pairs.flip(1)))):
-            w_int, w_grad = (w.chunk(2)[half] for w in proposals)
+            w_ints, w_grads = lpn(both_orders, exchanged=symmetric)
+        for order, x, w_int, w_grad in zip(orders, both_orders.chunk(2), w_ints.chunk(2), w_grads.chunk(2)):
             larger = gradient_map(x[:, :1]) > gradient_map(x[:, 1:])
             agrees = ((w_grad[:, :1] > 0.5) == larger).float().mean()
             print(f"| {epoch} | {', '.join(order)} | {w_int[:, 0].mean():.3f} ({w_int[:, 0].std():.3f}) | "
@@ -72,4 +76,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -25,6 +25,7 @@ batch_size = 2
 lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
 lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
 symmetric_lpn = False         # P's two source orders averaged: no favouring an input by position (not in the release)
+lpn_fusion_loss = False       # P also descends the inner fusion loss, as the release's code does (the paper: not)
 lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
 lr_gamma = 0.1
 max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
@@ -178,7 +179,8 @@ class Trainer:
         from utils.meta import LossWeights
         c = self.config
         return LossWeights(c["c_int"], c["c_grad"] * (self.epoch + 1) / c["epochs"],
-                           c["recon_c_int"], c["recon_c_grad"], c["symmetric_lpn"])
+                           c["recon_c_int"], c["recon_c_grad"], c["symmetric_lpn"],
+                           c["lpn_fusion_loss"])
 
     def run(self):
         from tqdm import tqdm

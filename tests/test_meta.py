@@ -120,3 +120,15 @@ def test_lpn_meta_gradient_with_symmetric_proposals_matches_finite_difference():
     _, plain_grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, LossWeights(fusion_grad=0.5))
     assert not all(torch.allclose(g, p) for g, p in zip(grads, plain_grads))
     assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)
+
+
+def test_lpn_meta_gradient_with_the_fusion_loss_matches_finite_difference():
+    """--lpn_fusion_loss: P's gradient is that of the outer loss plus the inner L_f."""
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    weights, alpha = LossWeights(fusion_grad=0.5, symmetric_proposals=True, lpn_fusion_loss=True), 0.5
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
+    _, meta_only = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha,
+                                     LossWeights(fusion_grad=0.5, symmetric_proposals=True))
+    assert not all(torch.allclose(g, m) for g, m in zip(grads, meta_only))
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)

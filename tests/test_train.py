@@ -168,14 +168,16 @@ def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
     assert largest == pytest.approx(0.25, rel=1e-5)
 
 
-def test_symmetric_lpn_flag_reaches_the_losses(patches, tmp_path, capsys):
+@pytest.mark.parametrize("key, field", [("symmetric_lpn", "symmetric_proposals"),
+                                        ("lpn_fusion_loss", "lpn_fusion_loss")])
+def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     _, data = patches
     for text, value in (("true", True), ("0", False), ("No", False)):
-        config = train_script.parse_config(["--data", str(data), "--symmetric_lpn", text])
-        assert config["symmetric_lpn"] is value
-        assert train_script.Trainer(config, str(tmp_path)).loss_weights().symmetric_proposals is value
+        config = train_script.parse_config(["--data", str(data), f"--{key}", text])
+        assert config[key] is value
+        assert getattr(train_script.Trainer(config, str(tmp_path)).loss_weights(), field) is value
     with pytest.raises(SystemExit):
-        train_script.parse_config(["--symmetric_lpn", "maybe"])
+        train_script.parse_config([f"--{key}", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 

@@ -20,13 +20,15 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 
 @dataclass
 class LossWeights:
-    """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), and
-    whether P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``)."""
+    """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), whether
+    P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``) and whether P
+    also descends the inner fusion loss (the release's code does; the paper's P does not)."""
     fusion_int: float = 1.0
     fusion_grad: float = 1.0
     recon_int: float = 1.0
     recon_grad: float = 1.0
     symmetric_proposals: bool = False
+    lpn_fusion_loss: bool = False
 
 
 def exchange(batch):
@@ -87,10 +89,15 @@ def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, al
 
     Inner batch: F steps ``theta_F' = theta_F - alpha * dL_f/dtheta_F`` under the loss that P
     proposes (so theta_F' depends on P), R steps on ``L_r(R(F(x).detach()))``. Outer batch (new
-    data): ``L_r(R'(F'(x)))``. ``lpn_meta_gradient`` returns its exact gradient.
+    data): ``L_r(R'(F'(x)))``, plus the inner ``L_f`` when ``weights.lpn_fusion_loss``.
+    ``lpn_meta_gradient`` returns its exact gradient.
     """
-    *_, fusion_after, recon_after = inner_steps(fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
-    return outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
+    inputs, fused, w_int, w_grad, fusion_after, recon_after = inner_steps(
+        fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
+    outer = outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
+    if weights.lpn_fusion_loss:
+        outer = outer + fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+    return outer
 
 
 def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weights):
@@ -101,7 +108,8 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     to that output, which is where P's weights w enter),
     ``dL_out/dphi = -alpha * d/dphi <J v, g(w(phi))>``. ``J v`` is one forward-mode product
     (``torch.func.jvp``), so the second-order term costs a forward pass of F instead of a
-    double backward through it. P learns only from this reconstruction signal.
+    double backward through it. P learns only from this reconstruction signal unless
+    ``weights.lpn_fusion_loss``, which adds ``dL_f/dphi`` at F's current output, as the release does.
     """
     lpn_params = params(lpn)
     inputs, fused, w_int, w_grad, fusion_after, recon_after = inner_steps(
@@ -115,8 +123,10 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     fused = fused.requires_grad_()
     inner_loss = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
     loss_gradient = torch.autograd.grad(inner_loss, fused, create_graph=True)[0]
-    coupling = -alpha * (loss_gradient * output_tangent).sum()
-    return outer.detach(), torch.autograd.grad(coupling, list(lpn_params.values()))
+    objective = -alpha * (loss_gradient * output_tangent).sum()
+    if weights.lpn_fusion_loss:
+        objective = objective + inner_loss
+    return outer.detach(), torch.autograd.grad(objective, list(lpn_params.values()))
 
 
 @torch.no_grad()

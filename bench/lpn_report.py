@@ -8,7 +8,8 @@ the first input the same weight whichever source it is. For each ``LPN_epoch<N>.
 on the first ``--pairs`` test pairs (a ``--size`` crop of each, Y channel), the mean and per-pixel
 standard deviation of the first input's intensity and gradient weights in both source orders
 (averaged over the orders when the run used ``--symmetric_lpn``),
-and how often the gradient weight favours the source with the larger Sobel gradient.
+and how often the gradient weight favours the source with the larger Sobel gradient (over the
+pixels where the two gradients differ).
 """
 import argparse
 import json
@@ -62,15 +63,16 @@ def main():
     both_orders = exchange(pairs)
     orders = (names, names[::-1])
     print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
-    print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient |")
+    print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient (where they differ) |")
     print("|---|---|---|---|---|")
     for epoch in epochs:
         lpn = load_weights(LPN(), os.path.join(args.run, f"LPN_epoch{epoch}.pth"))
         with torch.no_grad():
             w_ints, w_grads = lpn(both_orders, exchanged=symmetric)
         for order, x, w_int, w_grad in zip(orders, both_orders.chunk(2), w_ints.chunk(2), w_grads.chunk(2)):
-            larger = gradient_map(x[:, :1]) > gradient_map(x[:, 1:])
-            agrees = ((w_grad[:, :1] > 0.5) == larger).float().mean()
+            grad_first, grad_second = gradient_map(x[:, :1]), gradient_map(x[:, 1:])
+            differ = grad_first != grad_second  # ties (flat background) favour neither source
+            agrees = ((w_grad[:, :1] > 0.5) == (grad_first > grad_second))[differ].float().mean()
             print(f"| {epoch} | {', '.join(order)} | {w_int[:, 0].mean():.3f} ({w_int[:, 0].std():.3f}) | "
                   f"{w_grad[:, 0].mean():.3f} ({w_grad[:, 0].std():.3f}) | {agrees:.2f} |")
 

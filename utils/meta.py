@@ -51,6 +51,11 @@ def virtual_step(parameters, loss, alpha):
     return {name: (p - alpha * g).detach() for (name, p), g in zip(parameters.items(), grads)}
 
 
+def proposed_fusion_loss(inputs, fused, w_int, w_grad, weights):
+    """``L_f`` of F's output on the exchanged batch under P's weights."""
+    return fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+
+
 def reconstruction_objective(recon, recon_params, fused, batch, weights):
     """``L_r`` of R reconstructing (A,B) from fused images of the exchanged batch."""
     reconstructed = functional_call(recon, recon_params, (fused,))
@@ -69,8 +74,7 @@ def inner_steps(fusion, recon, lpn, lpn_params, batch, alpha, weights):
     inputs = exchange(batch)
     w_int, w_grad = functional_call(lpn, lpn_params, (inputs, weights.symmetric_proposals))
     fused = functional_call(fusion, fusion_params, (inputs,))
-    inner_loss = fusion_loss(inputs, fused, w_int.detach(), w_grad.detach(),
-                             weights.fusion_int, weights.fusion_grad)
+    inner_loss = proposed_fusion_loss(inputs, fused, w_int.detach(), w_grad.detach(), weights)
     fusion_after = virtual_step(fusion_params, inner_loss, alpha)
     recon_params = params(recon)
     recon_loss = reconstruction_objective(recon, recon_params, fused.detach(), batch, weights)
@@ -96,7 +100,7 @@ def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, al
         fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
     outer = outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
     if weights.lpn_fusion_loss:
-        outer = outer + fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+        outer = outer + proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
     return outer
 
 
@@ -121,7 +125,7 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     _, output_tangent = torch.func.jvp(lambda p: functional_call(fusion, p, (inputs,)),
                                        (point,), (dict(zip(point, direction)),))
     fused = fused.requires_grad_()
-    inner_loss = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+    inner_loss = proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
     loss_gradient = torch.autograd.grad(inner_loss, fused, create_graph=True)[0]
     objective = -alpha * (loss_gradient * output_tangent).sum()
     if weights.lpn_fusion_loss:
@@ -144,7 +148,7 @@ def fusion_step(fusion, recon, lpn, batch, weights, fusion_optimizer, recon_opti
     with torch.no_grad():
         w_int, w_grad = lpn(inputs, weights.symmetric_proposals)
     fused = fusion(inputs)
-    loss_f = fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+    loss_f = proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
     fusion_optimizer.zero_grad(set_to_none=True)
     loss_f.backward()
     fusion_optimizer.step()

@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=2, help="batch size before input exchange")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

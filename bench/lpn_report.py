@@ -23,6 +23,43 @@ from bench.quality_report import SHARED, TEST_FOLDERS  # noqa: E402
 from utils.errors import run_script  # noqa: E402
 
 
+def test_crops(task, count, size):
+    """``(count,2,size,size)``: top-left crops of the first ``count`` shared test pairs (Y, [0,1])."""
+    import torch
+
+    from utils.fuse import luma_batch, read_pair
+    from utils.image import pair_images, to_ycrcb
+    first, second = (os.path.join(SHARED, "datasets", task, "test", d) for d in TEST_FOLDERS[task])
+    if not os.path.isdir(first):
+        sys.exit(f"error: no shared test set at {first}")
+    crops = []
+    for _, path1, path2 in pair_images(first, second)[:count]:
+        rgb1, rgb2 = read_pair(path1, path2)
+        crops.append(luma_batch(to_ycrcb(rgb1), to_ycrcb(rgb2))[..., :size, :size])
+    return torch.cat(crops)
+
+
+def proposal_summary(lpn, pairs, symmetric):
+    """P's weights on ``pairs`` in both source orders: per order, the first input's intensity and
+    gradient weights as (mean, sd) and the share of pixels (where the two Sobel gradients differ)
+    at which the gradient weight favours the source with the larger gradient."""
+    import torch
+
+    from utils.losses import gradient_map
+    from utils.meta import exchange
+    with torch.no_grad():
+        w_ints, w_grads = lpn(exchange(pairs), exchanged=symmetric)
+    rows = []
+    for x, w_int, w_grad in zip(exchange(pairs).chunk(2), w_ints.chunk(2), w_grads.chunk(2)):
+        grad_first, grad_second = gradient_map(x[:, :1]), gradient_map(x[:, 1:])
+        differ = grad_first != grad_second  # ties (flat background) favour neither source
+        agrees = ((w_grad[:, :1] > 0.5) == (grad_first > grad_second))[differ].float().mean()
+        rows.append({"w_int": (w_int[:, 0].mean().item(), w_int[:, 0].std().item()),
+                     "w_grad": (w_grad[:, 0].mean().item(), w_grad[:, 0].std().item()),
+                     "follows_gradient": agrees.item()})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with LPN_epoch<N>.pth")
@@ -31,25 +68,12 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
 
-    import torch
-
     from ReFusion import LPN
     from utils.checkpoint import load_weights
-    from utils.fuse import luma_batch, read_pair
-    from utils.image import pair_images, to_ycrcb
-    from utils.losses import gradient_map
-    from utils.meta import exchange
 
     if not os.path.isdir(args.run):
         sys.exit(f"error: no training run folder {args.run}")
-    first, second = (os.path.join(SHARED, "datasets", args.task, "test", d) for d in TEST_FOLDERS[args.task])
-    if not os.path.isdir(first):
-        sys.exit(f"error: no shared test set at {first}")
-    crops = []
-    for _, path1, path2 in pair_images(first, second)[:args.pairs]:
-        rgb1, rgb2 = read_pair(path1, path2)
-        crops.append(luma_batch(to_ycrcb(rgb1), to_ycrcb(rgb2))[..., :args.size, :args.size])
-    pairs = torch.cat(crops)
+    pairs = test_crops(args.task, args.pairs, args.size)
     names = TEST_FOLDERS[args.task]
     epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)
                                               for f in os.listdir(args.run)) if m)
@@ -60,21 +84,14 @@ def main():
     if os.path.isfile(config_path):
         with open(config_path) as stream:
             symmetric = json.load(stream).get("symmetric_lpn", False)
-    both_orders = exchange(pairs)
-    orders = (names, names[::-1])
     print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
     print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient (where they differ) |")
     print("|---|---|---|---|---|")
     for epoch in epochs:
         lpn = load_weights(LPN(), os.path.join(args.run, f"LPN_epoch{epoch}.pth"))
-        with torch.no_grad():
-            w_ints, w_grads = lpn(both_orders, exchanged=symmetric)
-        for order, x, w_int, w_grad in zip(orders, both_orders.chunk(2), w_ints.chunk(2), w_grads.chunk(2)):
-            grad_first, grad_second = gradient_map(x[:, :1]), gradient_map(x[:, 1:])
-            differ = grad_first != grad_second  # ties (flat background) favour neither source
-            agrees = ((w_grad[:, :1] > 0.5) == (grad_first > grad_second))[differ].float().mean()
-            print(f"| {epoch} | {', '.join(order)} | {w_int[:, 0].mean():.3f} ({w_int[:, 0].std():.3f}) | "
-                  f"{w_grad[:, 0].mean():.3f} ({w_grad[:, 0].std():.3f}) | {agrees:.2f} |")
+        for order, row in zip((names, names[::-1]), proposal_summary(lpn, pairs, symmetric)):
+            print(f"| {epoch} | {', '.join(order)} | {row['w_int'][0]:.3f} ({row['w_int'][1]:.3f}) | "
+                  f"{row['w_grad'][0]:.3f} ({row['w_grad'][1]:.3f}) | {row['follows_gradient']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ c_int = 1.0                   # fusion loss: intensity weight
 c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1)/epochs
 recon_c_int = 1.0             # reconstruction loss weights
 recon_c_grad = 1.0
+recon_dim = 16                # R's width (ReN's dim, a multiple of 8) ...
+recon_blocks = 2              # ... and transformer blocks: its capacity and receptive field
 device = "auto"               # auto | cpu | cuda | mps
 threads = 0                   # CPU threads (0: PyTorch's default)
 seed = 0
@@ -117,7 +119,13 @@ class Trainer:
             raise TrainError(f"{config['data']} holds {len(self.pairs)} pairs; need at least "
                              f"{2 * config['batch_size']} for batch size {config['batch_size']}")
         torch.manual_seed(config["seed"])
-        self.fusion, self.recon, self.lpn = (net().to(self.device) for net in (ReFusion, ReN, LPN))
+        if config["recon_dim"] < 8 or config["recon_dim"] % 8 or config["recon_blocks"] < 0:
+            raise TrainError(f"recon_dim must be a positive multiple of 8 (R has 8 attention heads) and "
+                             f"recon_blocks >= 0; got {config['recon_dim']} and {config['recon_blocks']}")
+        # built in this order so that a seed gives the same initial weights as before R was configurable
+        self.fusion = ReFusion().to(self.device)
+        self.recon = ReN(dim=config["recon_dim"], num_blocks=config["recon_blocks"]).to(self.device)
+        self.lpn = LPN().to(self.device)
         self.opt_fusion = torch.optim.Adam(self.fusion.parameters(), lr=config["lr"])
         self.opt_recon = torch.optim.Adam(self.recon.parameters(), lr=config["lr"])
         self.crop_rng = torch.Generator().manual_seed(config["seed"])

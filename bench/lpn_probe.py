@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--symmetric_lpn", type=int, default=1)
     parser.add_argument("--lpn_fusion_loss", type=int, default=0,
                         help="1: P also descends the inner fusion loss, as the release's code")
+    parser.add_argument("--recon_dim", type=int, default=16, help="R's width (ReN's dim; a multiple of 8)")
+    parser.add_argument("--recon_blocks", type=int, default=2, help="R's transformer blocks")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--report", type=int, default=100)
@@ -58,7 +60,7 @@ def main():
     torch.manual_seed(args.seed)
     pairs = load_pairs(args.data)
     fusion = load_weights(ReFusion(), args.fusion)  # never stepped: only virtual steps are taken
-    recon, lpn = ReN(), LPN()
+    recon, lpn = ReN(dim=args.recon_dim, num_blocks=args.recon_blocks), LPN()
     crops = test_crops(args.task, 3, 256)
     crop_rng = torch.Generator().manual_seed(args.seed)
     batches = [b for epoch in range(1 + (args.recon_steps + args.meta_pairs) * args.batch_size // len(pairs))

@@ -181,6 +181,27 @@ def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_recon_size_flags_build_r_and_keep_the_seeded_initialisation(patches, tmp_path, capsys):
+    """``--recon_dim/--recon_blocks`` size R; F starts from the same weights whatever R's size,
+    the defaults give the initial weights of before the flags existed (F, then R, then P), and a
+    bad size is one error line."""
+    _, data = patches
+    default = train_script.Trainer(train_script.parse_config(["--data", str(data)]), str(tmp_path))
+    config = train_script.parse_config(["--data", str(data), "--recon_dim", "24", "--recon_blocks", "3"])
+    wider = train_script.Trainer(config, str(tmp_path))
+    assert len(wider.recon.blocks) == 3 and wider.recon.project_in.weight.shape == (24, 1, 3, 3)
+    assert len(default.recon.blocks) == 2 and default.recon.project_in.weight.shape == (16, 1, 3, 3)
+    from ReFusion import LPN, ReFusion, ReN
+    torch.manual_seed(0)
+    expected = [net().state_dict() for net in (ReFusion, ReN, LPN)]  # the order before the flags
+    for trainer in (default, wider):
+        assert all(torch.equal(trainer.fusion.state_dict()[k], v) for k, v in expected[0].items())
+    for net, reference in zip((default.recon, default.lpn), expected[1:]):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in reference.items())
+    assert train_script.main(["--data", str(data), "--recon_dim", "12", "--exp_dir", str(tmp_path)]) == 1
+    assert "recon_dim must be a positive multiple of 8" in capsys.readouterr().err
+
+
 def test_train_errors(tmp_path, capsys):
     assert train_script.main(["--data", str(tmp_path / "none.h5"), "--exp_dir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err

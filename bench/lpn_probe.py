@@ -40,6 +40,8 @@ def main():
                         help="1: P also descends the inner fusion loss, as the release's code")
     parser.add_argument("--recon_dim", type=int, default=16, help="R's width (ReN's dim; a multiple of 8)")
     parser.add_argument("--recon_blocks", type=int, default=2, help="R's transformer blocks")
+    parser.add_argument("--recon_c_int", type=float, default=1.0, help="reconstruction loss weights")
+    parser.add_argument("--recon_c_grad", type=float, default=1.0)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--report", type=int, default=100)
@@ -75,7 +77,8 @@ def main():
         sources = batch(k)
         with torch.no_grad():
             fused = fusion(exchange(sources))
-        loss = reconstruction_loss(reconstruction_targets(sources), recon(fused))
+        loss = reconstruction_loss(reconstruction_targets(sources), recon(fused),
+                                   args.recon_c_int, args.recon_c_grad)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -93,7 +96,8 @@ def main():
                   f"{outer} |", flush=True)
 
     report(0, "-")
-    weights = LossWeights(symmetric_proposals=bool(args.symmetric_lpn),
+    weights = LossWeights(recon_int=args.recon_c_int, recon_grad=args.recon_c_grad,
+                          symmetric_proposals=bool(args.symmetric_lpn),
                           lpn_fusion_loss=bool(args.lpn_fusion_loss))
     accumulated, outer_sum = None, 0.0
     first = args.recon_steps

@@ -6,13 +6,15 @@
 
 Prints, per size and device: the first call (includes growing the heap), the median of
 ``--repeat`` warm calls in ms per pair, megapixels/s, peak memory (CPU: peak RSS of the process;
-CUDA: peak allocated), and the speed-up over the release's CPU timings measured on this machine
-kind with 2 threads (the inference issue). This machine is shared and its speed drifts by tens of
-percent, so ``--baseline`` also times, right after ours and in the same run, the plain NCHW
-network of ``bench/release_style.py`` (same function, written the way the release is) twice:
-in a process with glibc's default allocator, as the release runs, and with the allocator
-settings our scripts use; the speed-up columns are then ratios taken in this one run.
-Output equality with the release is what tests/test_parity.py checks.
+CUDA: peak allocated) and how much of it the forward passes added ("fwd GB": the peak minus the
+peak before the first call, i.e. without libraries, weights and input), and the speed-up over the
+release's CPU timings measured on this machine kind with 2 threads (the inference issue). This
+machine is shared and its speed drifts by tens of percent, so ``--baseline`` also times, right
+after ours and in the same run, the plain NCHW network of ``bench/release_style.py`` (same
+function, written the way the release is) twice: in a process with glibc's default allocator, as
+the release runs, and with the allocator settings our scripts use; the speed-up columns are then
+ratios taken in this one run. Output equality with the release is what tests/test_parity.py
+checks.
 """
 import argparse
 import json
@@ -62,14 +64,17 @@ def measure(height, width, device_name, repeat, threads, network):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def peak_gb():
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+    before = peak_gb()  # libraries (ours loads OpenCV too), weights and input
     first = run()
     times = [run() for _ in range(repeat)]
-    if device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
     return {"size": f"{height}x{width}", "device": device.type, "first_s": first,
-            "median_s": statistics.median(times), "peak_gb": peak_gb}
+            "median_s": statistics.median(times), "peak_gb": peak_gb(),
+            "forward_gb": peak_gb() - before}
 
 
 def run_child(size, args, network, default_allocator=False):
@@ -105,7 +110,7 @@ def main():
 
     print(f"device={args.device} threads={args.threads} repeat={args.repeat}")
     print(f"{'size':>10} {'network':>13} {'first s':>8} {'ms/pair':>9} {'MP/s':>6} {'peak GB':>8} "
-          f"{'release s':>9} {'speed-up':>8} {'release GB':>10}")
+          f"{'fwd GB':>7} {'release s':>9} {'speed-up':>8} {'release GB':>10}")
     for size in args.sizes.split(","):
         height, width = map(int, size.split("x"))
         release_s, release_gb = RELEASE_CPU.get((height, width), (None, None))
@@ -120,6 +125,7 @@ def main():
                        if release_s and args.device == "cpu" else "-")
             print(f"{size:>10} {label:>13} {row['first_s']:8.2f} {row['median_s'] * 1e3:9.0f} "
                   f"{height * width / 1e6 / row['median_s']:6.2f} {row['peak_gb']:8.2f} "
+                  f"{row['forward_gb']:7.2f} "
                   f"{release_s or '-':>9} {speedup:>8} {release_gb or '-':>10}")
         ours = runs[0][1]
         if ours is not None and len(runs) > 1:

@@ -1,4 +1,6 @@
 """Shapes, strip-wise inference, functional_call and checkpoint formats of ReFusion."""
+import pickle
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -182,3 +184,18 @@ def test_corrupt_and_wrong_checkpoints_give_clear_errors(tmp_path):
     missing = tmp_path / "nothing.pth"
     with pytest.raises(CheckpointError, match="model not found"):
         load_weights(ReFusion(), str(missing))
+
+
+def test_pickled_objects_are_refused_without_torchs_advice_to_unpickle_them(tmp_path):
+    """A whole pickled model (``torch.save(model)``) or any other pickle is never unpickled, and
+    the error says what to save instead rather than relaying torch's weights_only=False advice."""
+    whole = tmp_path / "whole.pth"
+    torch.save(ReFusion(), whole)
+    with pytest.raises(CheckpointError, match=r"whole.pth: it holds Python objects.*save model.state_dict\(\)") as error:
+        load_weights(ReFusion(), str(whole))
+    plain_pickle = tmp_path / "other.pth"
+    plain_pickle.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    with pytest.raises(CheckpointError, match="other.pth: not a PyTorch weights file$") as other:
+        load_weights(ReFusion(), str(plain_pickle))
+    for message in (str(error.value), str(other.value)):
+        assert "weights_only" not in message and "\n" not in message

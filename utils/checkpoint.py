@@ -1,5 +1,8 @@
 """Loading and saving weights with clear errors, and atomic writes."""
 import os
+import pickle
+import warnings
+import zipfile
 
 import torch
 
@@ -21,7 +24,16 @@ def read_checkpoint(path, hint=""):
     if not os.path.isfile(path):
         raise CheckpointError(f"model not found: {path}" + (f" ({hint})" if hint else ""))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a pickle protocol note on files that then fail anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here advises loading with weights_only=False, i.e. running the file's code
+        if zipfile.is_zipfile(path):
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects, not only "
+                                  f"tensors (a whole pickled model?); save model.state_dict() instead. "
+                                  f"Such files are never unpickled here, since that can run code") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file") from None
     except Exception as error:  # torch raises many types for damaged files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file or "

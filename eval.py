@@ -25,6 +25,7 @@ def read_grey(path):
 
 def score_folders(img1, img2, fused):
     """``[(stem, {metric: value})]`` for every fused image with both sources."""
+    from utils.errors import UserError
     from utils.image import ImageError, list_images, pair_images
     from utils.metrics import evaluate
 
@@ -40,7 +41,10 @@ def score_folders(img1, img2, fused):
         a, b, f = (read_grey(p) for p in (*sources[stem], results[stem]))
         if not a.shape == b.shape == f.shape:
             raise ImageError(f"size mismatch for {stem}: sources {a.shape[::-1]}, fused {f.shape[::-1]}")
-        rows.append((stem, evaluate(a, b, f)))
+        try:
+            rows.append((stem, evaluate(a, b, f)))
+        except UserError as error:
+            raise ImageError(f"{stem}: {error}") from None
     return rows
 
 

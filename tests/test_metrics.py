@@ -89,3 +89,20 @@ def test_eval_script_on_folders(tmp_path, texture, capsys):
     assert script.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
                         "--fused", str(tmp_path / "f")]) == 1
     assert "without sources: y" in capsys.readouterr().err
+
+
+def test_smallest_scorable_image_and_one_line_error_below_it(tmp_path, texture, capsys):
+    """7x7 (SSIM's window) gives finite scores; anything thinner is refused naming the image,
+    never a traceback from inside a metric (a 1-pixel axis breaks AG, SF and SSIM)."""
+    small = texture[:7, :7]
+    assert all(np.isfinite(v) for v in metrics.evaluate(small, small[::-1], small.T).values())
+    spec = importlib.util.spec_from_file_location("refusion_eval_small", os.path.join(ROOT, "eval.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for folder in ("a", "b", "f"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "thin.png"), texture[:1, :40].astype(np.uint8))
+    assert script.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
+                        "--fused", str(tmp_path / "f")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: thin: 40x1 pixels is too small to score: the metrics need at least 7x7 (SSIM's window)"

@@ -8,7 +8,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
+from utils.errors import UserError
+
 EPS = 1e-10
+MIN_SIDE = 7  # SSIM's 7x7 window; SF and AG also need two pixels along each axis
 
 
 def entropy(f):
@@ -185,5 +188,8 @@ def evaluate(a, b, f):
     """All metrics for one triple: ``{name: value}``."""
     a, b, f = (np.asarray(x, dtype=np.float64) for x in (a, b, f))
     if not a.shape == b.shape == f.shape:
-        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, {f.shape}")
+        raise UserError(f"shapes differ: {a.shape}, {b.shape}, {f.shape}")
+    if min(f.shape) < MIN_SIDE:
+        raise UserError(f"{f.shape[1]}x{f.shape[0]} pixels is too small to score: the metrics need "
+                        f"at least {MIN_SIDE}x{MIN_SIDE} (SSIM's window)")
     return {name: metric(a, b, f) for name, metric in METRICS.items()}

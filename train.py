@@ -48,7 +48,7 @@ preset = ""                   # "cpu": a usable model in about an hour on 2 core
 
 CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k not in
                ("argparse", "json", "os", "signal", "sys", "time")]
-# "cpu": about an hour with 2 threads (1.5 h with 1 thread) on this 2-core machine kind; see README.
+# "cpu": 25-60 min with 2 threads on this 2-core machine kind (its hosts differ); see README.
 PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_steps": 1500,
                    "lr": 2e-4, "lr_step": 4, "batch_size": 2}}
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -24,7 +24,7 @@ def read_checkpoint(path, hint=""):
     if not os.path.isfile(path):
         raise CheckpointError(f"model not found: {path}" + (f" ({hint})" if hint else ""))
     try:
-        with warnings.catch_warnings():  # e.g. a pickle protocol note on files that then fail anyway
+        with warnings.catch_warnings():  # torch.load's notes (pickle protocols, ...) are not for users
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -91,6 +91,25 @@ def parse_config(argv):
     return config
 
 
+# the least value of each numeric key the schedule can run with
+LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "max_meta_step": 0,
+         "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "c_int": 0, "c_grad": 0,
+         "recon_c_int": 0, "recon_c_grad": 0, "recon_blocks": 0}
+
+
+def check_config(config):
+    """One ``TrainError`` line for a value the schedule cannot run with (before a run folder exists)."""
+    for key, least in LEAST.items():
+        if not config[key] >= least:
+            raise TrainError(f"--{key} must be at least {least}, got {config[key]}")
+    for key in ("lr", "lr_gamma"):
+        if not config[key] > 0:
+            raise TrainError(f"--{key} must be positive, got {config[key]}")
+    if config["recon_dim"] < 8 or config["recon_dim"] % 8:
+        raise TrainError(f"--recon_dim must be a positive multiple of 8 (R has 8 attention heads), "
+                         f"got {config['recon_dim']}")
+
+
 def empty_sums():
     """Running loss totals of the current epoch (kept in checkpoint.pt)."""
     return {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
@@ -119,9 +138,9 @@ class Trainer:
             raise TrainError(f"{config['data']} holds {len(self.pairs)} pairs; need at least "
                              f"{2 * config['batch_size']} for batch size {config['batch_size']}")
         torch.manual_seed(config["seed"])
-        if config["recon_dim"] < 8 or config["recon_dim"] % 8 or config["recon_blocks"] < 0:
-            raise TrainError(f"recon_dim must be a positive multiple of 8 (R has 8 attention heads) and "
-                             f"recon_blocks >= 0; got {config['recon_dim']} and {config['recon_blocks']}")
+        if config["crop"] > self.pairs.shape[-1]:
+            raise TrainError(f"--crop {config['crop']} is larger than the {self.pairs.shape[-1]} px "
+                             f"patches of {config['data']}")
         # built in this order so that a seed gives the same initial weights as before R was configurable
         self.fusion = ReFusion().to(self.device)
         self.recon = ReN(dim=config["recon_dim"], num_blocks=config["recon_blocks"]).to(self.device)
@@ -279,13 +298,13 @@ def train(argv):
         state = read_checkpoint(config["resume"])
         if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
-        run_dir = os.path.dirname(os.path.abspath(config["resume"]))
         overrides = {k: config[k] for k in ("device", "threads")}
         # keys added since the checkpoint was written take their defaults
         config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
-    else:
-        run_dir = new_run_dir(config["exp_dir"])
-    trainer = Trainer(config, run_dir)
+    check_config(config)
+    resume_dir = os.path.dirname(os.path.abspath(config["resume"])) if state is not None else None
+    trainer = Trainer(config, resume_dir)  # loads and checks the data before a new run's folder is made
+    run_dir = trainer.run_dir = resume_dir or new_run_dir(config["exp_dir"])
     if state is not None:
         trainer.restore(state)
         print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, {trainer.stage} step {trainer.step}")

@@ -202,6 +202,25 @@ def test_recon_size_flags_build_r_and_keep_the_seeded_initialisation(patches, tm
     assert "recon_dim must be a positive multiple of 8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "--batch_size must be at least 1, got 0"),
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),
+    ("--accumulation_steps", "0", "--accumulation_steps must be at least 1, got 0"),
+    ("--lr_step", "0", "--lr_step must be at least 1, got 0"),
+    ("--lr", "-0.5", "--lr must be positive, got -0.5"),
+    ("--c_grad", "-1", "--c_grad must be at least 0, got -1.0"),
+    ("--crop", "40", "--crop 40 is larger than the 32 px patches of"),
+])
+def test_unusable_settings_are_one_line_errors_before_any_run_folder(patches, tmp_path, capsys,
+                                                                      flag, value, message):
+    _, data = patches
+    exp_dir = tmp_path / "exp"
+    assert train_script.main(["--data", str(data), "--exp_dir", str(exp_dir), flag, value]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not exp_dir.exists()
+
+
 def test_train_errors(tmp_path, capsys):
     assert train_script.main(["--data", str(tmp_path / "none.h5"), "--exp_dir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err

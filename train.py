@@ -43,7 +43,7 @@ threads = 0                   # CPU threads (0: PyTorch's default)
 seed = 0
 exp_dir = "exp"
 resume = ""                   # path to a checkpoint.pt to continue
-preset = ""                   # "cpu": a usable model in about an hour on 2 cores (see README)
+preset = ""                   # "cpu": a usable model in 25-60 min on 2 cores (see README)
 # -----------------------------------------------------------------------------
 
 CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k not in

@@ -120,9 +120,11 @@ def lr_at(config, epoch, key="lr"):
 
 
 class Trainer:
-    """Networks, optimisers, data and the position in the schedule; saves and restores all of it."""
+    """Networks, optimisers, data and the position in the schedule; saves and restores all of it
+    in ``run_dir`` (``train()`` sets it once the data has loaded, so bad data leaves no empty run
+    folder)."""
 
-    def __init__(self, config, run_dir):
+    def __init__(self, config, run_dir=None):
         import torch
 
         from ReFusion import LPN, ReFusion, ReN
@@ -303,7 +305,7 @@ def train(argv):
         config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
     check_config(config)
     resume_dir = os.path.dirname(os.path.abspath(config["resume"])) if state is not None else None
-    trainer = Trainer(config, resume_dir)  # loads and checks the data before a new run's folder is made
+    trainer = Trainer(config)
     run_dir = trainer.run_dir = resume_dir or new_run_dir(config["exp_dir"])
     if state is not None:
         trainer.restore(state)

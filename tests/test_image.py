@@ -70,9 +70,11 @@ def test_pairing_by_stem_and_errors(tmp_path, picture):
     for name in ("x.png", "y.png"):
         cv2.imwrite(str(a / name), picture)
     cv2.imwrite(str(b / "x.jpg"), picture)
-    cv2.imwrite(str(b / "y.bmp"), picture)
+    cv2.imwrite(str(b / "y.webp"), picture[..., ::-1], [cv2.IMWRITE_WEBP_QUALITY, 101])  # lossless
     (b / "notes.txt").write_text("ignored")
-    assert [p[0] for p in pair_images(str(a), str(b))] == ["x", "y"]
+    paired = pair_images(str(a), str(b))
+    assert [p[0] for p in paired] == ["x", "y"]
+    assert np.array_equal(read_rgb(paired[1][2]), picture.astype(np.float32))
     cv2.imwrite(str(a / "z.png"), picture)
     with pytest.raises(ImageError, match="unpaired.*only in .*a: z"):
         pair_images(str(a), str(b))

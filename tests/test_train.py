@@ -232,6 +232,14 @@ def test_train_errors(tmp_path, capsys):
     assert "cannot read checkpoint" in capsys.readouterr().err
     assert train_script.main(["--preset", "gpu-farm"]) == 1
     assert "unknown preset" in capsys.readouterr().err
+    for name, patches, message in (("float.h5", np.zeros((4, 1, 8, 8), np.float32), "expected uint8"),
+                                   ("oblong.h5", np.zeros((4, 1, 8, 6), np.uint8), "N x 1 x P x P")):
+        with h5py.File(tmp_path / name, "w") as store:
+            store["img1"], store["img2"] = patches, patches
+        assert train_script.main(["--data", str(tmp_path / name), "--exp_dir", str(tmp_path / "runs")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_release_folder_layout(tmp_path):

@@ -31,8 +31,13 @@ def load_h5(path):
             first, second = store["img1"][...], store["img2"][...]
     except OSError as error:
         raise DataError(f"cannot read {path}: not an HDF5 file or corrupt ({error})") from None
-    if first.shape != second.shape or first.ndim != 4 or first.shape[1] != 1:
+    if (first.shape != second.shape or first.ndim != 4 or first.shape[1] != 1
+            or first.shape[2] != first.shape[3]):
         raise DataError(f"{path}: img1 {first.shape} and img2 {second.shape} must both be N x 1 x P x P")
+    if first.dtype != np.uint8 or second.dtype != np.uint8:
+        # other dtypes have no agreed scale ([0,1] or [0,255]); guessing would train on wrong data
+        raise DataError(f"{path}: img1/img2 are {first.dtype}/{second.dtype}, expected uint8 grey levels "
+                        "0-255 (make it with data/img2patch.py)")
     return torch.from_numpy(np.concatenate([first, second], axis=1))
 
 

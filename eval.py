@@ -40,7 +40,9 @@ def score_folders(img1, img2, fused):
     for stem in sorted(results):
         a, b, f = (read_grey(p) for p in (*sources[stem], results[stem]))
         if not a.shape == b.shape == f.shape:
-            raise ImageError(f"size mismatch for {stem}: sources {a.shape[::-1]}, fused {f.shape[::-1]}")
+            paths = (*sources[stem], results[stem])
+            sizes = ", ".join(f"{p} is {t.shape[1]}x{t.shape[0]}" for p, t in zip(paths, (a, b, f)))
+            raise ImageError(f"size mismatch for {stem}: {sizes}")
         try:
             rows.append((stem, evaluate(a, b, f)))
         except UserError as error:

@@ -89,6 +89,12 @@ def test_eval_script_on_folders(tmp_path, texture, capsys):
     assert script.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
                         "--fused", str(tmp_path / "f")]) == 1
     assert "without sources: y" in capsys.readouterr().err
+    (tmp_path / "f" / "y.png").unlink()
+    cv2.imwrite(str(tmp_path / "b" / "x.jpg"), texture[:, :-2].astype(np.uint8))
+    assert script.main(["--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
+                        "--fused", str(tmp_path / "f")]) == 1
+    height, width = texture.shape
+    assert f"x.jpg is {width - 2}x{height}" in capsys.readouterr().err
 
 
 def test_smallest_scorable_image_and_one_line_error_below_it(tmp_path, texture, capsys):

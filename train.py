@@ -119,6 +119,14 @@ def lr_at(config, epoch, key="lr"):
     return (config[key] or config["lr"]) * config["lr_gamma"] ** (epoch // config["lr_step"])
 
 
+def loss_weights_at(config, epoch):
+    """Both losses' coefficients in (0-based) ``epoch``: the gradient term ramps as (epoch+1)/epochs."""
+    from utils.meta import LossWeights
+    c = config
+    return LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
+                       c["recon_c_grad"], c["symmetric_lpn"], c["lpn_fusion_loss"])
+
+
 class Trainer:
     """Networks, optimisers, data and the position in the schedule; saves and restores all of it
     in ``run_dir`` (``train()`` sets it once the data has loaded, so bad data leaves no empty run
@@ -204,13 +212,6 @@ class Trainer:
         from utils.data import make_batch
         return make_batch(self.pairs, indices, self.config["crop"], self.crop_rng, self.device)
 
-    def loss_weights(self):
-        from utils.meta import LossWeights
-        c = self.config
-        return LossWeights(c["c_int"], c["c_grad"] * (self.epoch + 1) / c["epochs"],
-                           c["recon_c_int"], c["recon_c_grad"], c["symmetric_lpn"],
-                           c["lpn_fusion_loss"])
-
     def run(self):
         from tqdm import tqdm
 
@@ -225,7 +226,7 @@ class Trainer:
                 for group in optimiser.param_groups:
                     group["lr"] = rate
             batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
-            weights = self.loss_weights()
+            weights = loss_weights_at(c, self.epoch)
             meta_steps = min(c["max_meta_step"], len(batches) - 1)
             fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
             if self.stage == "meta":

@@ -30,7 +30,8 @@ def gradient_rows(run, config, epoch, pairs, batch_size, seed):
     from ReFusion import LPN, ReFusion, ReN
     from utils.checkpoint import load_weights
     from utils.data import epoch_batches, load_pairs, make_batch
-    from utils.meta import LossWeights, lpn_meta_gradient
+    from train import loss_weights_at, lr_at
+    from utils.meta import lpn_meta_gradient
 
     def saved(network, name):
         return load_weights(network, os.path.join(run, f"{name}_epoch{epoch}.pth"))
@@ -38,9 +39,7 @@ def gradient_rows(run, config, epoch, pairs, batch_size, seed):
     fusion, lpn = saved(ReFusion(), "ReFusion"), saved(LPN(), "LPN")
     recon = saved(ReN(dim=config["recon_dim"], num_blocks=config["recon_blocks"]), "ReN")
     c = config
-    weights = LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
-                          c["recon_c_grad"], c["symmetric_lpn"], c["lpn_fusion_loss"])
-    rate = c["lr"] * c["lr_gamma"] ** (epoch // c["lr_step"])  # epoch N+1's, as train.py sets it
+    weights, rate = loss_weights_at(c, epoch), lr_at(c, epoch)  # epoch N+1's (0-based index N)
     data = load_pairs(c["data"])
     order = epoch_batches(len(data), batch_size, seed, 0)
     if len(order) < 2 * pairs:

@@ -208,6 +208,9 @@ class Trainer:
         write_png(os.path.join(self.run_dir, f"samples_epoch{self.epoch + 1}.png"), grid)
 
     # -- the schedule ------------------------------------------------------------------------
+    def loss_weights(self):
+        return loss_weights_at(self.config, self.epoch)
+
     def batch(self, indices):
         from utils.data import make_batch
         return make_batch(self.pairs, indices, self.config["crop"], self.crop_rng, self.device)
@@ -226,7 +229,7 @@ class Trainer:
                 for group in optimiser.param_groups:
                     group["lr"] = rate
             batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
-            weights = loss_weights_at(c, self.epoch)
+            weights = self.loss_weights()
             meta_steps = min(c["max_meta_step"], len(batches) - 1)
             fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
             if self.stage == "meta":

@@ -27,6 +27,7 @@ lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); 
 symmetric_lpn = False         # P's two source orders averaged: no favouring an input by position (not in the release)
 lpn_fusion_loss = False       # P also descends the inner fusion loss, as the release's code does (the paper: not)
 lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
+lpn_lr_step = 0               # P's own StepLR step when > 0 (0: lr_step), e.g. to stop P early, not F
 lr_gamma = 0.1
 max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
 accumulation_steps = 2        # stage 1: outer batches per update of P
@@ -93,7 +94,7 @@ def parse_config(argv):
 
 # the least value of each numeric key the schedule can run with
 LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "max_meta_step": 0,
-         "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "c_int": 0, "c_grad": 0,
+         "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "lpn_lr_step": 0, "c_int": 0, "c_grad": 0,
          "recon_c_int": 0, "recon_c_grad": 0, "recon_blocks": 0}
 
 
@@ -116,7 +117,9 @@ def empty_sums():
 
 
 def lr_at(config, epoch, key="lr"):
-    return (config[key] or config["lr"]) * config["lr_gamma"] ** (epoch // config["lr_step"])
+    """``key``'s rate in (0-based) ``epoch``; "lpn_lr" falls back to lr and decays on its own step."""
+    step = (key == "lpn_lr" and config["lpn_lr_step"]) or config["lr_step"]
+    return (config[key] or config["lr"]) * config["lr_gamma"] ** (epoch // step)
 
 
 def loss_weights_at(config, epoch):

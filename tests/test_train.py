@@ -1,4 +1,5 @@
 """img2patch -> train.py -> test.py end to end, resume equals an uninterrupted run, errors."""
+import csv
 import importlib.util
 import json
 import os
@@ -166,6 +167,21 @@ def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
     trained = weights(run_dir)["LPN"]
     largest = max((trained[k] - initial[k]).abs().max().item() for k in initial)
     assert largest == pytest.approx(0.25, rel=1e-5)
+
+def test_lpn_lr_step_decays_p_alone(patches, tmp_path):
+    """``--lpn_lr_step 1`` with ``--lr_step 5``: P's one update of epoch 2 is a tenth of epoch 1's,
+    while F's rate (log.csv) stays at lr."""
+    _, data = patches
+    args = TINY + ["--data", str(data), "--max_meta_step", "2", "--lpn_lr", "0.25", "--lpn_lr_step", "1",
+                   "--lr_step", "5", "--exp_dir", str(tmp_path)]
+    run_dir, finished = train_script.train(args)
+    assert finished
+    lpn = [torch.load(os.path.join(run_dir, f"LPN_epoch{e}.pth")) for e in (1, 2)]
+    largest = max((lpn[1][k] - lpn[0][k]).abs().max().item() for k in lpn[0])
+    assert largest == pytest.approx(0.025, rel=1e-4)
+    with open(os.path.join(run_dir, "log.csv")) as log:
+        assert [float(row["lr"]) for row in csv.DictReader(log)] == [1e-3, 1e-3]
+
 
 
 @pytest.mark.parametrize("key, field", [("symmetric_lpn", "symmetric_proposals"),

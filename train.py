@@ -117,7 +117,7 @@ def empty_sums():
 
 
 def lr_at(config, epoch, key="lr"):
-    """``key``'s rate in (0-based) ``epoch``; "lpn_lr" falls back to lr and decays on its own step."""
+    """``key``'s rate in (0-based) ``epoch``; "lpn_lr" falls back to lr, lpn_lr_step to lr_step."""
     step = (key == "lpn_lr" and config["lpn_lr_step"]) or config["lr_step"]
     return (config[key] or config["lr"]) * config["lr_gamma"] ** (epoch // step)
 

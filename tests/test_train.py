@@ -168,6 +168,7 @@ def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
     largest = max((trained[k] - initial[k]).abs().max().item() for k in initial)
     assert largest == pytest.approx(0.25, rel=1e-5)
 
+
 def test_lpn_lr_step_decays_p_alone(patches, tmp_path):
     """``--lpn_lr_step 1`` with ``--lr_step 5``: P's one update of epoch 2 is a tenth of epoch 1's,
     while F's rate (log.csv) stays at lr."""
@@ -181,7 +182,6 @@ def test_lpn_lr_step_decays_p_alone(patches, tmp_path):
     assert largest == pytest.approx(0.025, rel=1e-4)
     with open(os.path.join(run_dir, "log.csv")) as log:
         assert [float(row["lr"]) for row in csv.DictReader(log)] == [1e-3, 1e-3]
-
 
 
 @pytest.mark.parametrize("key, field", [("symmetric_lpn", "symmetric_proposals"),

@@ -26,7 +26,7 @@ lr = 1e-4                     # F and R (Adam), P (normalised gradient step); al
 lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
 symmetric_lpn = False         # P's two source orders averaged: no favouring an input by position (not in the release)
 lpn_fusion_loss = False       # P also descends the inner fusion loss, as the release's code does (the paper: not)
-lr_step = 10                  # StepLR for all three: lr * lr_gamma ** (epoch // lr_step)
+lr_step = 10                  # StepLR for all three (P: see lpn_lr_step): lr * lr_gamma ** (epoch // lr_step)
 lpn_lr_step = 0               # P's own StepLR step when > 0 (0: lr_step), e.g. to stop P early, not F
 lr_gamma = 0.1
 max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
@@ -94,8 +94,8 @@ def parse_config(argv):
 
 # the least value of each numeric key the schedule can run with
 LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "max_meta_step": 0,
-         "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "lpn_lr_step": 0, "c_int": 0, "c_grad": 0,
-         "recon_c_int": 0, "recon_c_grad": 0, "recon_blocks": 0}
+         "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "lpn_lr_step": 0, "c_int": 0,
+         "c_grad": 0, "recon_c_int": 0, "recon_c_grad": 0, "recon_blocks": 0}
 
 
 def check_config(config):

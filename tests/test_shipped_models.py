@@ -20,11 +20,11 @@ def record(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_record_describes_the_shipped_weights(task):
+    info = record(task)
     path = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
     with open(path, "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == record(task)["weights_sha256"]
+        assert hashlib.sha256(f.read()).hexdigest() == info["weights_sha256"]
     ReFusion().load_state_dict(torch.load(path, map_location="cpu"))  # strict: every key, every shape
-    info = record(task)
     assert info["task"] == info["config"]["task"] == task
     assert "never from released weights" in info["initialised_from"] and info["data"]["split"] == "train only"
     assert any(command.startswith("python train.py") for command in info["commands"])

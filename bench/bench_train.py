@@ -7,10 +7,11 @@ forward-mode Jacobian-vector product (the second-order path of utils/meta.py); o
 meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds
 are medians over --repeat runs after one warm-up; peak RSS is for the process.
 The release's figures on this machine kind (2 threads, same input) are printed next to ours.
-Because this machine's speed drifts, the first two pieces are also timed in the same run on the
-plain NCHW network of bench/release_style.py (same function, written the release's way): in this
-process (our allocator settings) and in a child process with glibc's defaults, as the release
-runs; the last lines give those same-run ratios.
+Because this machine's speed drifts, the first two pieces are also compared with the plain
+NCHW network of bench/release_style.py (same function, written the release's way) in --rounds
+interleaved rounds: each round times ours, the plain network in this process (our allocator
+settings) and the plain network in a child process with glibc's defaults (as the release runs),
+one after the other; the ratios are taken per round and their median is reported.
 """
 import argparse
 import json
@@ -34,7 +35,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds against the plain network (0: none)")
+    parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
@@ -81,9 +84,6 @@ def main():
     def stage_two():
         fusion_step(fusion, recon, lpn, batch, weights, opt_f, opt_r)
 
-    print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
-          f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
-
     def median_seconds(fn):
         fn()
         times = []
@@ -99,48 +99,87 @@ def main():
         plain.zero_grad(set_to_none=True)
         return statistics.median(times)
 
-    plain_pieces = (("plain F forward+backward", lambda: forward_backward(plain)),
-                    ("plain F forward+double backward", lambda: forward_double_backward(plain)))
-    if args.plain_only:
-        print(json.dumps({name: median_seconds(fn) for name, fn in plain_pieces}))
+    compared = (("F forward+backward", forward_backward),
+                ("F forward+double backward", forward_double_backward))
+    if args.plain_server:
+        serve_plain_timings(lambda: {name: median_seconds(lambda: fn(plain)) for name, fn in compared})
         return
 
+    print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
+          f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
     print(f"{'piece':>48} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
-    seconds = {}
     for name, fn in (("F forward+backward", lambda: forward_backward(fusion)),
                      ("F forward+double backward", lambda: forward_double_backward(fusion)),
                      ("F forward-mode JVP", forward_jvp),
-                     ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two),
-                     *plain_pieces):
-        median = seconds[name] = median_seconds(fn)
+                     ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two)):
+        median = median_seconds(fn)
         release = RELEASE_S.get(name)
         ratio = f"{release / median:.1f}x" if release and device.type == "cpu" and args.size == 128 \
             and args.pairs == 2 else "-"
         print(f"{name:>48} {median:8.2f} {release or '-':>10} {ratio:>9}")
+
+    child = PlainChild(args) if args.rounds else None
+    ratios = {}  # (piece, baseline) -> one ratio per round
+    for round_index in range(1, args.rounds + 1):
+        seconds = {}
+        for name, fn in compared:
+            seconds[name, "ours"] = median_seconds(lambda: fn(fusion))
+            seconds[name, "plain"] = median_seconds(lambda: fn(plain))
+        for name, value in child.timings().items():
+            seconds[name, "plain, glibc defaults"] = value
+        for name, _ in compared:
+            cells = []
+            for baseline in ("plain", "plain, glibc defaults"):
+                if (name, baseline) in seconds:
+                    ratio = seconds[name, baseline] / seconds[name, "ours"]
+                    ratios.setdefault((name, baseline), []).append(ratio)
+                    cells.append(f"{baseline} {seconds[name, baseline]:.2f} s ({ratio:.1f}x)")
+            print(f"round {round_index}: {name}: ours {seconds[name, 'ours']:.2f} s; "
+                  + "; ".join(cells))
+    if child:
+        child.close()
+    for (name, baseline), values in ratios.items():
+        print(f"same run, median of {len(values)} rounds: {name}: ours is "
+              f"{statistics.median(values):.1f}x faster than {baseline} "
+              f"(rounds {min(values):.1f}-{max(values):.1f}x)")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    default_allocator = plain_with_default_allocator(args)
-    for name, value in default_allocator.items():
-        print(f"{name + ' (glibc defaults)':>48} {value:8.2f}")
-    for name in ("F forward+backward", "F forward+double backward"):
-        ratios = [f"{seconds['plain ' + name] / seconds[name]:.1f}x vs plain"]
-        if default_allocator:
-            ratios.append(f"{default_allocator['plain ' + name] / seconds[name]:.1f}x vs plain "
-                          "(glibc defaults)")
-        print(f"same run: {name}: ours is {', '.join(ratios)}")
-    print(f"peak RSS {peak_gb:.2f} GB")
+    print(f"peak RSS {peak_gb:.2f} GB (this process)")
 
 
-def plain_with_default_allocator(args):
-    """The plain pieces in a child process with glibc's default allocator settings."""
-    from utils.runtime import default_allocator_env
-    cmd = [sys.executable, os.path.abspath(__file__), "--plain-only", "--size", str(args.size),
-           "--pairs", str(args.pairs), "--threads", str(args.threads),
-           "--repeat", str(args.repeat), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=default_allocator_env())
-    if proc.returncode != 0:
-        print(f"plain network with glibc defaults failed: {proc.stderr.strip().splitlines()[-1:]}")
-        return {}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def serve_plain_timings(measure):
+    """Child side of ``PlainChild``: one JSON line of timings per ``time`` line on stdin."""
+    for line in sys.stdin:
+        if line.strip() == "time":
+            print(json.dumps(measure()), flush=True)
+
+
+class PlainChild:
+    """The plain network's pieces, timed on request in a child process that allocates memory
+    with glibc's defaults, as the release runs. Kept alive between rounds so each round's
+    timings are taken next to ours; it computes nothing while we are timed."""
+
+    def __init__(self, args):
+        from utils.runtime import default_allocator_env
+        cmd = [sys.executable, os.path.abspath(__file__), "--plain-server", "--size", str(args.size),
+               "--pairs", str(args.pairs), "--threads", str(args.threads),
+               "--repeat", str(args.repeat), "--device", args.device]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=default_allocator_env())
+
+    def timings(self):
+        """``{piece: seconds}``; empty (with a note) if the child has failed."""
+        try:
+            self.proc.stdin.write("time\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            return json.loads(line)
+        except (BrokenPipeError, json.JSONDecodeError):
+            print("plain network with glibc defaults: child process failed")
+            return {}
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 if __name__ == "__main__":

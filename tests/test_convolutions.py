@@ -76,7 +76,8 @@ def test_inference_fusions_match_the_differentiable_path():
     rows, mixer, row_residual = (torch.randn(shape, generator=g)
                                  for shape in ((2, 63, 6), (2, 4, 6), (2, 63, 4)))
     cases = [(depthwise_conv3x3_gelu, (x, depthwise), lambda x, w: F.gelu(F.conv2d(x, w, padding=1, groups=6)), 1e-6),
-             (pointwise_conv_add, (x, pointwise, residual), lambda x, w, r: r + F.conv2d(x, w), 0),
+             # on one thread PyTorch's 1x1 conv2d leaves oneDNN for its own GEMM: other rounding
+             (pointwise_conv_add, (x, pointwise, residual), lambda x, w, r: r + F.conv2d(x, w), 1e-6),
              (per_image_pointwise_add, (rows, mixer, row_residual), lambda x, w, r: r + x @ w.transpose(1, 2), 0)]
     for fn, inputs, reference, tolerance in cases:
         with torch.no_grad():

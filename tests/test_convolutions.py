@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from utils.convolutions import (depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise,
                                 per_image_pointwise_add, pointwise_conv, pointwise_conv_add)
@@ -90,6 +91,28 @@ def test_inference_fusions_match_the_differentiable_path():
         assert differentiable.grad_fn is not None
         assert (differentiable.detach() - expected).abs().max() <= 1e-6 * expected.abs().max()
         assert torch.autograd.gradcheck(fn, [t.double().requires_grad_() for t in inputs])
+
+
+def test_forward_mode_derivatives_are_not_dropped_by_the_fused_kernels():
+    """torch.func.jvp records no graph, so the fused (oneDNN) branches must not be taken there:
+    their kernels have no forward-mode formula and PyTorch silently returned zero tangents."""
+    g = torch.Generator().manual_seed(4)
+    layout = torch.channels_last
+    x = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=layout)
+    residual = torch.randn(2, 4, 9, 7, generator=g).contiguous(memory_format=layout)
+    depthwise, pointwise = torch.randn(6, 1, 3, 3, generator=g), torch.randn(4, 6, 1, 1, generator=g)
+    cases = [(depthwise_conv3x3_gelu, lambda w: F.gelu(F.conv2d(x, w, padding=1, groups=6)), depthwise),
+             (lambda x_, w: pointwise_conv_add(x_, w, residual), lambda w: residual + F.conv2d(x, w), pointwise),
+             (pointwise_conv, lambda w: F.conv2d(x, w), pointwise)]
+    for fn, reference, weight in cases:
+        tangent = torch.randn(weight.shape, generator=g)
+        _, ours = torch.func.jvp(lambda w: fn(x, w), (weight,), (tangent,))
+        _, expected = torch.func.jvp(reference, (weight,), (tangent,))
+        assert expected.abs().max() > 1
+        assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+        with forward_ad.dual_level():
+            ours = forward_ad.unpack_dual(fn(x, forward_ad.make_dual(weight, tangent))).tangent
+        assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_fused_sums_keep_the_residuals_gradient():

@@ -2,6 +2,7 @@
 from dataclasses import replace
 
 import torch
+from torch.func import functional_call
 
 from ReFusion import LPN, ReFusion, ReN
 from utils.losses import fusion_loss, gradient_map, reconstruction_loss
@@ -43,6 +44,23 @@ def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, we
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     assert abs(analytic) > 1e-8
     assert abs(analytic - numeric) <= 1e-4 * abs(numeric)
+
+
+def test_float32_forward_mode_product_of_f_matches_the_plain_network():
+    """P's meta-gradient rests on F's Jacobian-vector product; in float32 on CPU F's layers have
+    fused inference kernels that must not be used for it (they dropped a quarter of it once).
+    bench/release_style.py's network, built only from PyTorch's own layers, is the reference."""
+    from bench.release_style import PlainReFusion
+    torch.manual_seed(0)
+    fusion = ReFusion()
+    plain = PlainReFusion()
+    plain.load_state_dict(fusion.state_dict())
+    x = torch.rand(2, 2, 24, 20)
+    point = {k: v.detach() for k, v in fusion.named_parameters()}
+    direction = {k: torch.randn_like(v) for k, v in point.items()}
+    tangents = [torch.func.jvp(lambda p, net=net: functional_call(net, p, (x,)), (point,), (direction,))[1]
+                for net in (fusion, plain)]
+    assert (tangents[0] - tangents[1]).norm() <= 1e-5 * tangents[1].norm()
 
 
 def test_meta_gradient_is_only_the_reconstruction_signal():

@@ -66,7 +66,7 @@ class _SharedPointwise:
     @staticmethod
     def product(x, weight):
         x = x.contiguous(memory_format=CHANNELS_LAST)
-        if _onednn_float32(x) and not _carries_tangents(x, weight):
+        if _onednn_applies(x, weight):
             # With one thread and fewer than 16 images conv2d leaves oneDNN for PyTorch's own
             # GEMM, which is 2-5x slower on channels-last maps; oneDNN's result is the one
             # conv2d gives with two or more threads.
@@ -163,26 +163,25 @@ def pointwise_conv(x, weight):
     return _apply(x, weight, _SharedPointwise)
 
 
-def _onednn_float32(x):
-    """Whether oneDNN's kernels apply to ``x``: float32 on CPU, oneDNN present and not switched
-    off (``torch.backends.mkldnn.flags(enabled=False)``)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
 def _carries_tangents(*tensors):
     """Whether forward-mode derivatives (``torch.func.jvp``, ``torch.autograd.forward_ad``) or
     another torch.func transform ride on any of ``tensors``: oneDNN's direct entry points have
-    no forward-mode derivative, ``F.conv2d`` has."""
+    no forward-mode derivative (PyTorch silently drops the tangent), ``F.conv2d`` has."""
     return any(is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
                for t in tensors)
 
 
+def _onednn_applies(x, *others):
+    """Whether oneDNN's direct entry points may be called: float32 on CPU, oneDNN present and not
+    switched off (``torch.backends.mkldnn.flags(enabled=False)``), no forward-mode tangent."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not _carries_tangents(x, *others))
+
+
 def _fusable(x, *others):
-    """Whether oneDNN post-op fusion applies: no derivative of any kind to carry (the fused
-    kernels would silently drop forward-mode tangents) and oneDNN's kernels apply."""
-    return (not records_graph(x, *others) and not _carries_tangents(x, *others)
-            and _onednn_float32(x))
+    """Whether oneDNN post-op fusion applies: no autograd graph to record and oneDNN applies."""
+    return not records_graph(x, *others) and _onednn_applies(x, *others)
 
 
 def depthwise_conv3x3_gelu(x, weight):

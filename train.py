@@ -7,7 +7,9 @@
 Every key of the config block is a flag (``--key value``). Each run writes
 ``<exp_dir>/<YYYYmmdd_HHMMSS>/``: config.json, log.csv, ReFusion.pth / LPN.pth / ReN.pth
 (latest, plus ``*_epoch<N>.pth``) and checkpoint.pt (everything needed to resume bit for bit).
-Ctrl-C finishes the current step, saves checkpoint.pt and exits.
+Ctrl-C or SIGTERM finishes the current step, saves checkpoint.pt and exits; so does ``--max_time``
+(exit code 0). ``--checkpoint_every`` (default 15 min) also saves it between steps, so that a run
+killed without warning loses at most that much.
 """
 import argparse
 import json
@@ -45,6 +47,8 @@ seed = 0
 exp_dir = "exp"
 resume = ""                   # path to a checkpoint.pt to continue
 preset = ""                   # "cpu": a usable model in 25-60 min on 2 cores (see README)
+max_time = ""                 # stop cleanly after this much wall time ("150m", "2h30m", seconds; "": never)
+checkpoint_every = "15m"      # also write checkpoint.pt between steps this often ("0": epoch ends only)
 # -----------------------------------------------------------------------------
 
 CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k not in
@@ -106,6 +110,12 @@ def check_config(config):
     for key in ("lr", "lr_gamma"):
         if not config[key] > 0:
             raise TrainError(f"--{key} must be positive, got {config[key]}")
+    from utils.runtime import parse_duration
+    for key in ("max_time", "checkpoint_every"):
+        try:
+            parse_duration(config[key])
+        except UserError as error:
+            raise TrainError(f"--{key}: {error}") from None
     if config["recon_dim"] < 8 or config["recon_dim"] % 8:
         raise TrainError(f"--recon_dim must be a positive multiple of 8 (R has 8 attention heads), "
                          f"got {config['recon_dim']}")
@@ -164,7 +174,29 @@ class Trainer:
         self.epoch, self.stage, self.step = 0, "meta", 0
         self.lpn_grads = None  # accumulated stage-1 gradients of P
         self.sums = empty_sums()
-        self.stop_requested = False
+        self.stop_reason = None  # "SIGINT", "SIGTERM" or "max_time": stop at the next step boundary
+        self.deadline = self.next_checkpoint = None
+
+    def start_clock(self):
+        """``--max_time`` and ``--checkpoint_every`` count from here."""
+        from utils.runtime import parse_duration
+        now = time.monotonic()
+        limit = parse_duration(self.config["max_time"])
+        self.deadline = now + limit if limit else None
+        self.checkpoint_interval = parse_duration(self.config["checkpoint_every"])
+        self.next_checkpoint = now + self.checkpoint_interval
+
+    def at_step_boundary(self):
+        """True when the run should stop here; writes the periodic checkpoint when it is due."""
+        now = time.monotonic()
+        if self.stop_reason is None and self.deadline is not None and now >= self.deadline:
+            self.stop_reason = "max_time"
+        if self.stop_reason:
+            return True
+        if self.checkpoint_interval and now >= self.next_checkpoint:
+            self.save_checkpoint()
+            self.next_checkpoint = now + self.checkpoint_interval
+        return False
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self):
@@ -239,7 +271,7 @@ class Trainer:
                 bar = tqdm(range(self.step, meta_steps), desc=f"epoch {self.epoch + 1} loss learning",
                            unit="pair", initial=self.step, total=meta_steps)
                 for k in bar:
-                    if self.stop_requested:
+                    if self.at_step_boundary():
                         return False
                     loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
                                                     self.batch(batches[k]), self.batch(batches[k + 1]),
@@ -257,7 +289,7 @@ class Trainer:
             bar = tqdm(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
                        unit="batch", initial=self.step, total=fusion_steps)
             for k in bar:
-                if self.stop_requested:
+                if self.at_step_boundary():
                     return False
                 loss_f, loss_r = fusion_step(self.fusion, self.recon, self.lpn, self.batch(batches[k]),
                                              weights, self.opt_fusion, self.opt_recon)
@@ -285,6 +317,8 @@ class Trainer:
         self.epoch, self.stage, self.step = self.epoch + 1, "meta", 0
         self.sums = empty_sums()
         self.save_checkpoint()
+        if self.checkpoint_interval:
+            self.next_checkpoint = time.monotonic() + self.checkpoint_interval
 
 
 def new_run_dir(exp_dir):
@@ -307,7 +341,8 @@ def train(argv):
         state = read_checkpoint(config["resume"])
         if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
-        overrides = {k: config[k] for k in ("device", "threads")}
+        # how to run, not what to train: taken from this command line, not the checkpoint
+        overrides = {k: config[k] for k in ("device", "threads", "max_time", "checkpoint_every")}
         # keys added since the checkpoint was written take their defaults
         config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
     check_config(config)
@@ -322,29 +357,39 @@ def train(argv):
             json.dump(config, stream, indent=2)
         print(f"run folder: {run_dir}")
 
-    def request_stop(*_):
-        trainer.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+    def request_stop(signum, _frame):
+        trainer.stop_reason = signal.Signals(signum).name
+        # a second signal stops at once: Ctrl-C raises KeyboardInterrupt, SIGTERM terminates
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{trainer.stop_reason}: stopping after this step (again to abort without saving)",
+              file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        trainer.start_clock()
         finished = trainer.run()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if not finished:
         trainer.save_checkpoint()
-        print(f"saved {os.path.join(run_dir, 'checkpoint.pt')}; continue with "
+        why = f"--max_time {config['max_time']} reached; " if trainer.stop_reason == "max_time" else ""
+        print(f"{why}saved {os.path.join(run_dir, 'checkpoint.pt')}; continue with "
               f"python train.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
     else:
         print(f"done: {os.path.join(run_dir, 'ReFusion.pth')}")
-    return run_dir, finished
+    return run_dir, finished, trainer.stop_reason
+
+
+# exit codes of a stopped run: --max_time is a planned stop; a signal gives the shell's 128 + N
+STOP_EXIT = {"max_time": 0, "SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
 def main(argv=None):
     def action():
-        _, finished = train(sys.argv[1:] if argv is None else argv)
-        return 0 if finished else 130
+        _, finished, reason = train(sys.argv[1:] if argv is None else argv)
+        return 0 if finished else STOP_EXIT[reason]
     return run_script(action, "aborted; the last checkpoint.pt (end of the previous epoch) is intact")
 
 

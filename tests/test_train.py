@@ -3,6 +3,10 @@ import csv
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import h5py
@@ -85,7 +89,7 @@ def weights(run_dir):
 def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch):
     _, data = patches
     args = TINY + ["--data", str(data)]
-    full_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "full")])
+    full_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "full")])
     assert finished
     files = set(os.listdir(full_dir))
     assert {"config.json", "log.csv", "checkpoint.pt", "ReFusion.pth", "LPN.pth", "ReN.pth",
@@ -109,7 +113,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     def interrupt_later(*a, **k):
         calls["n"] += 1
         if calls["n"] == 4:  # epoch 2, first meta pair done -> Ctrl-C
-            trainer_holder["trainer"].stop_requested = True
+            trainer_holder["trainer"].stop_reason = "SIGINT"
         return original(*a, **k)
 
     trainer_holder = {}
@@ -121,7 +125,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
 
     monkeypatch.setattr(train_script.Trainer, "__init__", remember)
     monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_later)
-    part_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
+    part_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
     assert not finished
     models = tmp_path / "models"
     assert ship(["--run", part_dir, "--models", str(models)]) == 1  # unfinished runs are refused
@@ -133,7 +137,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     assert (state["epoch"], state["stage"], state["step"]) == (1, "meta", 1)
     assert state["lpn_grads"] is not None  # mid-accumulation gradients are kept
     monkeypatch.setattr(meta, "lpn_meta_gradient", original)
-    resumed_dir, finished = train_script.train(["--resume", os.path.join(part_dir, "checkpoint.pt")])
+    resumed_dir, finished, _ = train_script.train(["--resume", os.path.join(part_dir, "checkpoint.pt")])
     assert finished and resumed_dir == part_dir
     full, resumed = weights(full_dir), weights(part_dir)
     for name in full:
@@ -150,9 +154,82 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     assert record["commands"] == ["python train.py"] and record["steps"]["total_fusion_steps"] == 8
     assert record["data"]["count"] == 18 and len(record["per_epoch_log"]) == 2
     assert ship(["--run", part_dir, "--models", str(models)]) == 0
-    other_dir, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "other"), "--seed", "1"])
+    other_dir, _, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "other"), "--seed", "1"])
     assert ship(["--run", other_dir, "--models", str(models)]) == 1
     assert ship(["--run", other_dir, "--models", str(models), "--force"]) == 0
+
+
+def test_max_time_stops_with_exit_0_and_a_checkpoint_that_resumes(patches, tmp_path, capsys):
+    _, data = patches
+    args = TINY + ["--data", str(data), "--exp_dir", str(tmp_path)]
+    assert train_script.main(args + ["--max_time", "0.001s"]) == 0
+    err = capsys.readouterr().err
+    assert "--max_time 0.001s reached; saved" in err and "python train.py --resume" in err
+    run_dir = str(next(tmp_path.iterdir()))
+    state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (state["epoch"], state["stage"], state["step"]) == (0, "meta", 0)  # the first boundary
+    assert not os.path.exists(os.path.join(run_dir, "log.csv"))
+    # the limit is for this command only: the resumed run takes its own (none here) and finishes
+    assert train_script.main(["--resume", os.path.join(run_dir, "checkpoint.pt")]) == 0
+    assert os.path.exists(os.path.join(run_dir, "ReFusion_epoch2.pth"))
+    assert train_script.main(args + ["--max_time", "soon"]) == 1
+    assert "--max_time: cannot read duration 'soon'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, seconds", [("150m", 9000), ("2h30m", 9000), ("5400", 5400),
+                                           ("90s", 90), ("1.5h", 5400), ("", 0), ("0", 0)])
+def test_durations(text, seconds):
+    from utils.runtime import parse_duration
+    assert parse_duration(text) == seconds
+
+
+# long enough (about 60 steps) for a signal to land mid-run
+SLOW = ["--epochs", "4", "--batch_size", "2", "--max_meta_step", "6", "--accumulation_steps", "2",
+        "--crop", "24", "--lr", "1e-3", "--lr_step", "2", "--device", "cpu", "--threads", "1"]
+
+
+def start_run(args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(process, exp_dir):
+    """Block until the run's first checkpoint.pt exists (it is then between steps)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(exp_dir.glob("*/checkpoint.pt"))
+        if found:
+            return os.path.dirname(found[0])
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint.pt appeared: {process.communicate()}")
+
+
+def test_sigterm_and_sigkill_lose_nothing_that_resume_cannot_redo(patches, tmp_path):
+    """SIGTERM saves at the next step boundary (exit 143); SIGKILL leaves the last periodic
+    checkpoint. Both resume to weights equal to an uninterrupted run's, bit for bit."""
+    _, data = patches
+    args = SLOW + ["--data", str(data), "--checkpoint_every", "0.2s"]
+    reference = start_run(args + ["--exp_dir", str(tmp_path / "full")])
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+    full = weights(next((tmp_path / "full").iterdir()))
+
+    for how in ("SIGTERM", "SIGKILL"):
+        exp_dir = tmp_path / how
+        process = start_run(args + ["--exp_dir", str(exp_dir)])
+        run_dir = wait_for_checkpoint(process, exp_dir)
+        process.send_signal(getattr(signal, how))
+        _, err = process.communicate(timeout=120)
+        if how == "SIGTERM":
+            assert process.returncode == 128 + signal.SIGTERM and "continue with" in err, err
+        else:
+            assert process.returncode == -signal.SIGKILL
+        assert not os.path.exists(os.path.join(run_dir, "ReFusion_epoch4.pth"))  # stopped mid-run
+        assert not [n for n in os.listdir(run_dir) if n.endswith(".partial")]
+        resumed = start_run(["--resume", os.path.join(run_dir, "checkpoint.pt"), "--threads", "1"])
+        assert resumed.wait(timeout=300) == 0, resumed.communicate()
+        again = weights(run_dir)
+        for name in full:
+            assert all(torch.equal(full[name][k], again[name][k]) for k in full[name]), (how, name)
 
 
 def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
@@ -162,7 +239,7 @@ def test_lpn_lr_sets_the_size_of_ps_normalised_step(patches, tmp_path):
     args = TINY + ["--data", str(data), "--epochs", "1", "--max_meta_step", "2", "--lpn_lr", "0.25"]
     config = train_script.parse_config(args + ["--exp_dir", str(tmp_path / "init")])
     initial = {k: v.clone() for k, v in train_script.Trainer(config, str(tmp_path)).lpn.state_dict().items()}
-    run_dir, finished = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
+    run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
     assert finished
     trained = weights(run_dir)["LPN"]
     largest = max((trained[k] - initial[k]).abs().max().item() for k in initial)
@@ -175,7 +252,7 @@ def test_lpn_lr_step_decays_p_alone(patches, tmp_path):
     _, data = patches
     args = TINY + ["--data", str(data), "--max_meta_step", "2", "--lpn_lr", "0.25", "--lpn_lr_step", "1",
                    "--lr_step", "5", "--exp_dir", str(tmp_path)]
-    run_dir, finished = train_script.train(args)
+    run_dir, finished, _ = train_script.train(args)
     assert finished
     lpn = [torch.load(os.path.join(run_dir, f"LPN_epoch{e}.pth")) for e in (1, 2)]
     largest = max((lpn[1][k] - lpn[0][k]).abs().max().item() for k in lpn[0])

@@ -65,3 +65,19 @@ def resolve_device(name="auto"):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return device
+
+
+def parse_duration(text):
+    """``"150m"``, ``"2h30m"``, ``"90s"``, ``"1.5h"`` or plain seconds (``"5400"``) -> seconds;
+    ``""`` or ``"0"`` -> 0 (no limit). Raises ``UserError`` on anything else."""
+    import re
+
+    text = str(text).strip().lower()
+    if text in ("", "0"):
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d*)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d*)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise UserError(f"cannot read duration '{text}': use e.g. 150m, 2h30m, 90s or seconds")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)

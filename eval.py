@@ -11,9 +11,6 @@ import csv
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
-
 
 def read_grey(path):
     import cv2

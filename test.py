@@ -22,13 +22,12 @@ device = "auto"       # auto | cpu | cuda | mps
 # -----------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TASK_SOURCES = {"IVIF": ("infrared", "visible"), "MIF": ("CT_PET_SPECT", "MRI"),
-                "MFIF": ("near", "far"), "MEIF": ("under", "over")}
 MODEL_HINT = ("train one with train.py, or use the authors' released weights: "
               "--model path/to/ReFusion_<TASK>.pth")
 
 
-from utils.errors import UserError, run_script  # noqa: E402 (stdlib-only import, before torch)
+from utils.errors import UserError, run_script  # noqa: E402 (stdlib-only imports, before torch)
+from utils.tasks import TASKS  # noqa: E402
 
 
 class UsageError(UserError):
@@ -37,7 +36,7 @@ class UsageError(UserError):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Fuse image pairs with ReFusion.")
-    parser.add_argument("--task", default=task, choices=[*TASK_SOURCES, "all"])
+    parser.add_argument("--task", default=task, choices=[*TASKS, "all"])
     parser.add_argument("--img1", default=path_img1, help="first source: image file or folder")
     parser.add_argument("--img2", default=path_img2, help="second source: image file or folder")
     parser.add_argument("--model", default=path_model, help="ReFusion weights (.pth)")
@@ -52,13 +51,13 @@ def plan_jobs(args):
     if args.task == "all":
         if any(value is not None for value in explicit):
             raise UsageError("--img1/--img2/--model/--out need a single --task "
-                             f"({', '.join(TASK_SOURCES)}), not 'all'")
-        tasks = list(TASK_SOURCES)
+                             f"({', '.join(TASKS)}), not 'all'")
+        tasks = list(TASKS)
     else:
         tasks = [args.task]
     jobs = []
     for name in tasks:
-        first, second = TASK_SOURCES[name]
+        first, second = TASKS[name].test_cases
         jobs.append((name,
                      args.img1 or os.path.join(ROOT, "test_cases", name, first),
                      args.img2 or os.path.join(ROOT, "test_cases", name, second),

@@ -46,18 +46,17 @@ threads = 0                   # CPU threads (0: PyTorch's default)
 seed = 0
 exp_dir = "exp"
 resume = ""                   # path to a checkpoint.pt to continue
-preset = ""                   # "cpu": a usable model in 25-60 min on 2 cores (see README)
+preset = ""                   # "cpu": a short schedule for CPUs (PRESETS below)
 max_time = ""                 # stop cleanly after this much wall time ("150m", "2h30m", seconds; "": never)
 checkpoint_every = "15m"      # also write checkpoint.pt between steps this often ("0": epoch ends only)
 # -----------------------------------------------------------------------------
 
-CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k not in
-               ("argparse", "json", "os", "signal", "sys", "time")]
-# "cpu": 25-60 min with 2 threads on this 2-core machine kind (its hosts differ); see README.
+# the config keys: every plain value defined above (modules and dunders are not)
+CONFIG_KEYS = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
+# "cpu": a usable model in 25-60 min with 2 threads on 2 cores of an AMD EPYC; see README
 PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_steps": 1500,
                    "lr": 2e-4, "lr_step": 4, "batch_size": 2}}
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
 
 
 from utils.errors import UserError, run_script  # noqa: E402
@@ -150,6 +149,7 @@ class Trainer:
 
         from ReFusion import LPN, ReFusion, ReN
         from utils.data import load_pairs
+        from utils.meta import LPNUpdate
         from utils.runtime import resolve_device
 
         self.config, self.run_dir = config, run_dir
@@ -172,7 +172,7 @@ class Trainer:
         self.opt_recon = torch.optim.Adam(self.recon.parameters(), lr=config["lr"])
         self.crop_rng = torch.Generator().manual_seed(config["seed"])
         self.epoch, self.stage, self.step = 0, "meta", 0
-        self.lpn_grads = None  # accumulated stage-1 gradients of P
+        self.lpn_update = LPNUpdate(self.lpn, config["accumulation_steps"])
         self.sums = empty_sums()
         self.stop_reason = None  # "SIGINT", "SIGTERM" or "max_time": stop at the next step boundary
         self.deadline = self.next_checkpoint = None
@@ -204,7 +204,7 @@ class Trainer:
         return {"config": self.config, "epoch": self.epoch, "stage": self.stage, "step": self.step,
                 "fusion": self.fusion.state_dict(), "recon": self.recon.state_dict(),
                 "lpn": self.lpn.state_dict(), "opt_fusion": self.opt_fusion.state_dict(),
-                "opt_recon": self.opt_recon.state_dict(), "lpn_grads": self.lpn_grads,
+                "opt_recon": self.opt_recon.state_dict(), "lpn_grads": self.lpn_update.pending,
                 "sums": self.sums, "crop_rng": self.crop_rng.get_state(),
                 "torch_rng": torch.get_rng_state()}
 
@@ -217,7 +217,7 @@ class Trainer:
         self.epoch, self.stage, self.step = state["epoch"], state["stage"], state["step"]
         for name in ("fusion", "recon", "lpn", "opt_fusion", "opt_recon"):
             getattr(self, name).load_state_dict(state[name])
-        self.lpn_grads = state["lpn_grads"]
+        self.lpn_update.pending = state["lpn_grads"]
         self.sums = state["sums"]
         self.crop_rng.set_state(state["crop_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -254,7 +254,7 @@ class Trainer:
         from tqdm import tqdm
 
         from utils.data import epoch_batches, fusion_steps_per_epoch
-        from utils.meta import apply_normalised_step, fusion_step, lpn_meta_gradient
+        from utils.meta import fusion_step, lpn_meta_gradient
 
         c = self.config
         while self.epoch < c["epochs"]:
@@ -276,11 +276,7 @@ class Trainer:
                     loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
                                                     self.batch(batches[k]), self.batch(batches[k + 1]),
                                                     rate, weights)
-                    self.lpn_grads = grads if self.lpn_grads is None else [
-                        a + g for a, g in zip(self.lpn_grads, grads)]
-                    if (k + 1) % c["accumulation_steps"] == 0 or k + 1 == meta_steps:
-                        apply_normalised_step(self.lpn, self.lpn_grads, lpn_rate)
-                        self.lpn_grads = None
+                    self.lpn_update.add(grads, k, meta_steps, lpn_rate)
                     self.sums["meta"] += loss.item()
                     self.sums["meta_n"] += 1
                     self.step = k + 1

@@ -1,15 +1,14 @@
 """Inference speed and memory of ReFusion, one fresh process per size.
 
-    python bench/bench_inference.py                       # CPU, sizes 256..2048, 2 threads
-    python bench/bench_inference.py --sizes 256x256,480x640 --baseline
-    python bench/bench_inference.py --sizes 480x640 --device cuda --repeat 10
+    python -m bench.bench_inference                       # CPU, sizes 256..2048, 2 threads
+    python -m bench.bench_inference --sizes 256x256,480x640 --baseline
+    python -m bench.bench_inference --sizes 480x640 --device cuda --repeat 10
 
 Prints, per size and device: the first call (includes growing the heap), the median of
 ``--repeat`` warm calls in ms per pair, megapixels/s, peak memory (CPU: peak RSS of the process;
 CUDA: peak allocated) and how much of it the forward passes added ("fwd GB": the peak minus the
 peak before the first call, i.e. without libraries, weights and input), and the speed-up over the
-release's CPU timings measured on this machine kind with 2 threads (the inference issue). This
-machine is shared and its speed drifts by tens of percent, so ``--baseline`` also times, right
+release's CPU timings (its code on 2 cores of an AMD EPYC, 2 threads). A shared host's speed drifts by tens of percent, so ``--baseline`` also times, right
 after ours and in the same run, the plain NCHW network of ``bench/release_style.py`` (same
 function, written the way the release is) twice: in a process with glibc's default allocator, as
 the release runs, and with the allocator settings our scripts use; the speed-up columns are then
@@ -26,9 +25,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-# The release on this machine kind, 2 threads, CPU: seconds per pair and peak RSS in GB.
+# The release's code on 2 cores of an AMD EPYC, 2 threads: seconds per pair and peak RSS in GB.
 RELEASE_CPU = {(256, 256): (0.75, None), (480, 640): (8.75, None),
                (1024, 1024): (24.0, 3.5), (2048, 2048): (108.0, 12.4)}
 
@@ -81,9 +79,9 @@ def run_child(size, args, network, default_allocator=False):
     """One measurement in a fresh process; ``default_allocator`` drops our glibc settings."""
     from utils.runtime import default_allocator_env
     env = default_allocator_env() if default_allocator else None
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", size, "--network", network,
+    cmd = [sys.executable, "-m", "bench.bench_inference", "--child", size, "--network", network,
            "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         print(f"{size:>10} {network} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None

@@ -1,13 +1,13 @@
 """Training speed on CPU (or --device cuda): the pieces of one ReFusion training step.
 
-    python bench/bench_train.py                  # 2 threads, batch 2 pairs (4 after exchange), 128x128
+    python -m bench.bench_train                  # 2 threads, batch 2 pairs (4 after exchange), 128x128
 
 Rows: F forward+backward; F forward + double backward (the release's second-order path); F's
 forward-mode Jacobian-vector product (the second-order path of utils/meta.py); one whole stage-1
 meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam steps). Seconds
 are medians over --repeat runs after one warm-up; peak RSS is for the process.
-The release's figures on this machine kind (2 threads, same input) are printed next to ours.
-Because this machine's speed drifts, the first two pieces are also compared with the plain
+The release's figures (its code on 2 cores of an AMD EPYC, 2 threads, same input) are printed next
+to ours. Because a host's speed drifts, the first two pieces are also compared with the plain
 NCHW network of bench/release_style.py (same function, written the release's way) in --rounds
 interleaved rounds: each round times ours, the plain network in this process (our allocator
 settings) and the plain network in a child process with glibc's defaults (as the release runs),
@@ -23,7 +23,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 RELEASE_S = {"F forward+backward": 1.5, "F forward+double backward": 6.15, "meta pair (stage 1)": 10.0}
 
@@ -160,11 +159,11 @@ class PlainChild:
 
     def __init__(self, args):
         from utils.runtime import default_allocator_env
-        cmd = [sys.executable, os.path.abspath(__file__), "--plain-server", "--size", str(args.size),
+        cmd = [sys.executable, "-m", "bench.bench_train", "--plain-server", "--size", str(args.size),
                "--pairs", str(args.pairs), "--threads", str(args.threads),
                "--repeat", str(args.repeat), "--device", args.device]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=default_allocator_env())
+                                     text=True, env=default_allocator_env(), cwd=ROOT)
 
     def timings(self):
         """``{piece: seconds}``; empty (with a note) if the child has failed."""

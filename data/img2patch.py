@@ -1,6 +1,6 @@
 """Cut registered image pairs into training patches stored in one .h5 file.
 
-    python data/img2patch.py --img1 ../shared/datasets/IVIF/train/ir --img2 ../shared/datasets/IVIF/train/vi \
+    python data/img2patch.py --img1 DATASETS/IVIF/train/ir --img2 DATASETS/IVIF/train/vi \
         --out data/IVIF_train.h5 --patch_size 128 --stride 64
 
 Output: datasets ``img1`` and ``img2`` (uint8, N x 1 x P x P, Y channel of each source) and
@@ -13,13 +13,14 @@ import sys
 
 # -----------------------------------------------------------------------------
 # Edit these, or override them on the command line (python data/img2patch.py --help).
-path_img1 = "../shared/datasets/IVIF/train/ir"
-path_img2 = "../shared/datasets/IVIF/train/vi"
+path_img1 = ""        # folder of first sources (e.g. infrared), paired with path_img2 by file name
+path_img2 = ""        # folder of second sources (e.g. visible)
 path_out = "data/IVIF_train.h5"
 patch_size = 128
 stride = 64
 # -----------------------------------------------------------------------------
 
+# a script in data/ that imports the repository's utils
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -46,6 +47,8 @@ def build(img1, img2, out, size, step):
     from utils.fuse import read_pair
     from utils.image import pair_images
 
+    if not img1 or not img2:
+        raise UserError("--img1 and --img2 are needed: folders of the two sources, paired by file name")
     if size < 8 or step < 1:
         raise UserError(f"--patch_size must be >= 8 and --stride >= 1 (got {size}, {step})")
     for folder in (img1, img2):

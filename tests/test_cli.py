@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from utils.tasks import TASKS
 from ReFusion import ReFusion
 
 spec = importlib.util.spec_from_file_location("refusion_test_script", os.path.join(ROOT, "test.py"))
@@ -133,7 +134,8 @@ def test_all_tasks_fuses_those_with_a_model_and_names_the_others(tmp_path):
     os.symlink(os.path.join(ROOT, "utils"), tmp_path / "utils")
     (tmp_path / "test.py").write_text(open(os.path.join(ROOT, "test.py")).read())
     rng = np.random.default_rng(0)
-    for task, (first, second) in test_script.TASK_SOURCES.items():
+    for task, folders in TASKS.items():
+        first, second = folders.test_cases
         for folder in (first, second):
             os.makedirs(tmp_path / "test_cases" / task / folder)
             cv2.imwrite(str(tmp_path / "test_cases" / task / folder / "x.png"),
@@ -159,10 +161,10 @@ def test_default_run_says_what_is_missing_without_traceback(tmp_path):
     assert "models/ReFusion_IVIF.pth" in result.stderr and "test_cases/IVIF/infrared" in result.stderr
 
 
-@pytest.mark.parametrize("task", list(test_script.TASK_SOURCES))
+@pytest.mark.parametrize("task", list(TASKS))
 def test_shipped_model_fuses_the_bundled_test_cases(task, tmp_path):
     """Every task ships weights that load strictly and fuse its bundled pairs into non-flat images."""
-    first, second = test_script.TASK_SOURCES[task]
+    first, second = TASKS[task].test_cases
     cases = os.path.join(ROOT, "test_cases", task)
     assert test_script.main(["--task", task, "--img1", os.path.join(cases, first), "--img2",
                              os.path.join(cases, second), "--out", str(tmp_path)]) == 0

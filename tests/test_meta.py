@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from ReFusion import LPN, ReFusion, ReN
 from utils.losses import fusion_loss, gradient_map, reconstruction_loss
-from utils.meta import (LossWeights, apply_normalised_step, exchange, fusion_step, lpn_meta_gradient,
+from utils.meta import (LossWeights, LPNUpdate, exchange, fusion_step, lpn_meta_gradient,
                         meta_outer_loss, params, reconstruction_targets)
 
 
@@ -71,13 +71,23 @@ def test_meta_gradient_is_only_the_reconstruction_signal():
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
-def test_normalised_lpn_step_moves_the_largest_gradient_by_lr():
+def test_lpn_update_sums_each_group_then_moves_the_largest_gradient_by_lr():
+    """Groups of two pairs: the first pair only accumulates; the second steps P by exactly
+    ``lr * (g1 + g2) / max|g1 + g2|``; a last, short group (pair 3 of 3) steps on its own."""
     _, _, lpn = tiny_networks()
+    update = LPNUpdate(lpn, accumulation_steps=2)
     before = [p.detach().clone() for p in lpn.parameters()]
-    grads = [torch.randn_like(p) for p in lpn.parameters()]
-    apply_normalised_step(lpn, grads, lr=0.1)
+    first, second = ([torch.randn_like(p) for p in lpn.parameters()] for _ in range(2))
+    assert not update.add(first, 0, 3, lr=0.1)
+    assert all(torch.equal(b, p) for b, p in zip(before, lpn.parameters()))
+    assert update.add(second, 1, 3, lr=0.1) and update.pending is None
+    total = [a + b for a, b in zip(first, second)]
+    scale = max(g.abs().max() for g in total)
+    for b, p, g in zip(before, lpn.parameters(), total):
+        assert torch.allclose(b - 0.1 * g / scale, p.detach(), rtol=0, atol=1e-12)
     moves = [(b - p.detach()).abs().max() for b, p in zip(before, lpn.parameters())]
     assert torch.isclose(max(moves), torch.tensor(0.1, dtype=moves[0].dtype))
+    assert update.add(first, 2, 3, lr=0.1)
 
 
 def test_stage_two_updates_f_and_r_but_not_lpn():

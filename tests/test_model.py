@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import ReFusion as refusion_module
 from conftest import needs_reference, release_weights
 from ReFusion import ReFusion
 from utils.checkpoint import CheckpointError, load_weights, save_atomic
+from utils.kernels import attention, memory
 
 
 def random_model(seed=0):
@@ -42,9 +42,9 @@ def test_training_and_inference_logits_are_the_same_cosine_similarities():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 50, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(2, 3, 4, 50, dtype=torch.float64, generator=g, requires_grad=True)
-    training = refusion_module.cosine_logits(q, k)
+    training = attention.cosine_logits(q, k)
     with torch.no_grad():
-        inference = refusion_module.cosine_logits(q, k)
+        inference = attention.cosine_logits(q, k)
     unit_q, unit_k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     expected = unit_q @ unit_k.transpose(-2, -1)
     assert torch.allclose(training, expected, atol=1e-12)
@@ -54,11 +54,11 @@ def test_training_and_inference_logits_are_the_same_cosine_similarities():
     reference = torch.autograd.grad((expected * probe).sum(), (q, k))
     for a, b in zip(ours, reference):
         assert torch.allclose(a, b, atol=1e-12)
-    assert torch.autograd.gradgradcheck(refusion_module.cosine_logits, (q[:1, :1, :, :6], k[:1, :1, :, :6]))
+    assert torch.autograd.gradgradcheck(attention.cosine_logits, (q[:1, :1, :, :6], k[:1, :1, :, :6]))
 
 
 def test_row_norms_derivatives_of_every_order_and_at_zero():
-    norms = refusion_module._RowNorms.apply
+    norms = attention.RowNorms.apply
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(2, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.allclose(norms(rows), rows.norm(dim=-1), atol=1e-14)
@@ -77,7 +77,7 @@ def test_strips_give_the_same_result_as_one_pass(monkeypatch):
     model, x = random_model(), torch.rand(1, 2, 75, 40)
     with torch.enable_grad():
         whole = model(x).detach()  # gradient mode never uses strips
-    monkeypatch.setattr(refusion_module, "STRIP_PIXELS", 40 * 9)  # 9-row strips, uneven last strip
+    monkeypatch.setattr(memory, "STRIP_PIXELS", 40 * 9)  # 9-row strips, uneven last strip
     with torch.no_grad():
         strips = model(x)
     assert torch.allclose(whole, strips, atol=1e-6)
@@ -99,22 +99,22 @@ def test_plain_release_style_network_computes_the_same_function(size):
 def test_row_major_copy_is_exact(dtype):
     """float32/64 go through OpenCV, other dtypes through torch; both must be exact copies."""
     x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(refusion_module.row_major_copy(x), x.contiguous().view(2, 6, 35))
+    assert torch.equal(attention.row_major_copy(x), x.contiguous().view(2, 6, 35))
     strided = torch.randn(3, 4, 9)[:, :, ::2]  # non-contiguous input
-    assert torch.equal(refusion_module.transpose_copy(strided), strided.transpose(1, 2))
+    assert torch.equal(attention.transpose_copy(strided), strided.transpose(1, 2))
 
 
 def test_row_major_copy_is_differentiable_twice():
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    assert torch.autograd.gradcheck(refusion_module.row_major_copy, (x,))
-    assert torch.autograd.gradgradcheck(refusion_module.row_major_copy, (x,))
+    assert torch.autograd.gradcheck(attention.row_major_copy, (x,))
+    assert torch.autograd.gradgradcheck(attention.row_major_copy, (x,))
     grad = torch.randn(2, 6, 35, dtype=torch.float64)
-    (back,) = torch.autograd.grad(refusion_module.row_major_copy(x), x, grad)
+    (back,) = torch.autograd.grad(attention.row_major_copy(x), x, grad)
     assert back.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(back, grad.view(2, 6, 5, 7))
     tangent = torch.randn_like(x)  # forward mode, as the meta-gradient's torch.func.jvp uses it
-    _, tangent_out = torch.func.jvp(refusion_module.row_major_copy, (x.detach(),), (tangent,))
+    _, tangent_out = torch.func.jvp(attention.row_major_copy, (x.detach(),), (tangent,))
     assert torch.equal(tangent_out, tangent.contiguous().view(2, 6, 35))
 
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE, REFERENCE_CASES, ROOT, TASKS, needs_reference, reference_image, release_weights
+from conftest import REFERENCE, REFERENCE_STEMS, ROOT, needs_reference, reference_image, release_weights
 from ReFusion import ReFusion
+from utils.tasks import TASKS
 from utils.image import read_rgb, to_ycrcb
 
 pytestmark = needs_reference
-CASES = [(task, stem) for task in TASKS for stem in REFERENCE_CASES[task][2]]
+CASES = [(task, stem) for task in TASKS for stem in REFERENCE_STEMS[task]]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def read_png(path):
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", list(TASKS))
 def test_test_py_matches_release_pipeline(tmp_path, task):
-    first, second, stems = REFERENCE_CASES[task]
+    (first, second), stems = TASKS[task].test_cases, REFERENCE_STEMS[task]
     folder = os.path.join(REFERENCE, "test_cases", task)
     out = tmp_path / task
     result = subprocess.run(

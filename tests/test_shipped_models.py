@@ -9,8 +9,7 @@ import torch
 
 from conftest import ROOT
 from ReFusion import ReFusion
-
-TASKS = ("IVIF", "MIF", "MFIF", "MEIF")
+from utils.tasks import TASKS
 
 
 def record(task):
@@ -18,7 +17,7 @@ def record(task):
         return json.load(f)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", list(TASKS))
 def test_record_describes_the_shipped_weights(task):
     info = record(task)
     path = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
@@ -30,19 +29,18 @@ def test_record_describes_the_shipped_weights(task):
     assert any(command.startswith("python train.py") for command in info["commands"])
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_readme_quality_rows_are_the_recorded_scores(task):
-    """README's mean rows (ours and released) and the share table repeat models/<TASK>.json."""
+@pytest.mark.parametrize("task", list(TASKS))
+def test_readme_quality_row_is_the_recorded_scores(task):
+    """README's quality table repeats models/<TASK>.json: VIF, Qabf, SSIM of ours and of the
+    released weights, and ours as a share of theirs."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     quality = record(task)["quality"]
-    columns = ["EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"]
-    for who, label in (("ours", r"ours \([^|]*\)"), ("released", "released")):
-        row = re.search(rf"^\| {task} \| {label} \| {quality['pairs']} \|(.*)\|$", readme, re.M)
-        assert row, f"no README quality row for {task} {who}"
-        shown = [float(cell) for cell in row.group(1).split("|")]
-        assert shown == [round(quality[who][key], 3) for key in columns]
-    share = re.search(rf"^\| {task} \| (\d+) % \| (\d+) % \| (\d+) % \|$", readme, re.M)
-    assert share, f"no README share row for {task}"
-    ratios = quality["ratio_ours_to_released"]
-    assert [int(v) for v in share.groups()] == [round(100 * ratios[key]) for key in ("VIF", "Qabf", "SSIM")]
+    row = re.search(rf"^\| {task} \| {quality['pairs']} \|(.*)\|$", readme, re.M)
+    assert row, f"no README quality row for {task}"
+    cells = [cell.strip() for cell in row.group(1).split("|")]
+    metrics = ("VIF", "Qabf", "SSIM")
+    for cell, key in zip(cells[:3], metrics):
+        assert [float(v) for v in cell.split(" / ")] == [round(quality[w][key], 3) for w in ("ours", "released")]
+    shares = [int(v) for v in cells[3].rstrip(" %").split(" / ")]
+    assert shares == [round(100 * quality["ratio_ours_to_released"][key]) for key in metrics]

@@ -133,8 +133,28 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     return outer.detach(), torch.autograd.grad(objective, list(lpn_params.values()))
 
 
+class LPNUpdate:
+    """P's whole update rule: the meta-gradients of ``accumulation_steps`` consecutive pairs are
+    summed, then ``phi <- phi - lr * g / max|g|`` with the max over all of P's gradients. A group
+    cut short by the end of the epoch steps with what it has. ``pending`` (the partial sum, or
+    None) is what a checkpoint must keep to resume mid-group."""
+
+    def __init__(self, lpn, accumulation_steps):
+        self.lpn, self.accumulation_steps, self.pending = lpn, accumulation_steps, None
+
+    def add(self, grads, pair, pairs, lr):
+        """Add the meta-gradient of the epoch's pair ``pair`` (0-based) of ``pairs``; steps P when
+        that pair closes a group. Returns whether P stepped."""
+        self.pending = grads if self.pending is None else [a + g for a, g in zip(self.pending, grads)]
+        if (pair + 1) % self.accumulation_steps and pair + 1 != pairs:
+            return False
+        normalised_step(self.lpn, self.pending, lr)
+        self.pending = None
+        return True
+
+
 @torch.no_grad()
-def apply_normalised_step(lpn, grads, lr):
+def normalised_step(lpn, grads, lr):
     """``phi <- phi - lr * g / max|g|``, the max taken over all of P's gradients."""
     scale = max(g.abs().max() for g in grads).clamp_min(1e-12)
     for p, g in zip(lpn.parameters(), grads):

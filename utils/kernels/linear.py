@@ -198,25 +198,6 @@ def depthwise_conv3x3_gelu(x, weight):
     return F.gelu(depthwise_conv3x3(x, weight))
 
 
-def pointwise_conv_add(x, weight, residual):
-    """``residual + pointwise_conv(x, weight)``, residual ``(B,Cout,H,W)``; without autograd on CPU
-    the add is the convolution's post-op (same values, one pass over the maps fewer)."""
-    if _fusable(x, weight, residual):
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x.contiguous(memory_format=CHANNELS_LAST),
-            residual.contiguous(memory_format=CHANNELS_LAST), weight, None, [0, 0], [1, 1],
-            [1, 1], 1, "add", None, None, [], None)
-    return residual + pointwise_conv(x, weight)
-
-
 def per_image_pointwise(rows, weight):
     """A different 1x1 convolution per image, on pixel rows: ``(B,N,Cin), (B,Cout,Cin) -> (B,N,Cout)``."""
     return _apply(rows, weight, _PerImagePointwise)
-
-
-def per_image_pointwise_add(rows, weight, residual):
-    """``residual + per_image_pointwise(rows, weight)``, residual ``(B,N,Cout)``; without
-    autograd one ``baddbmm`` (same values, one pass over the maps fewer)."""
-    if records_graph(rows, weight, residual):
-        return residual + per_image_pointwise(rows, weight)
-    return torch.baddbmm(residual, rows, weight.transpose(-1, -2))

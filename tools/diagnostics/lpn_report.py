@@ -1,11 +1,11 @@
 """What a training run's loss proposal module P asks for, epoch by epoch.
 
-    python bench/lpn_report.py --run exp/IVIF/<run> --task IVIF
+    python -m tools.diagnostics.lpn_report --run exp/IVIF/<run> --task IVIF --datasets DATASETS
 
 P's per-pixel weights define F's loss. Nearly flat weights (0.5 everywhere) ask F for the mean
 of the two sources and of their gradients; a P that weights by position rather than content gives
 the first input the same weight whichever source it is. For each ``LPN_epoch<N>.pth`` this prints,
-on the first ``--pairs`` test pairs (a ``--size`` crop of each, Y channel), the mean and per-pixel
+on the first ``--pairs`` pairs of ``<DATASETS>/<TASK>/test`` (a ``--size`` crop of each, Y channel), the mean and per-pixel
 standard deviation of the first input's intensity and gradient weights in both source orders
 (averaged over the orders when the run used ``--symmetric_lpn``),
 and how often the gradient weight favours the source with the larger Sobel gradient (over the
@@ -17,21 +17,20 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.quality_report import SHARED, TEST_FOLDERS  # noqa: E402
-from utils.errors import run_script  # noqa: E402
+from tools.quality import test_split
+from utils.errors import run_script
+from utils.tasks import TASKS
 
 
-def test_crops(task, count, size):
-    """``(count,2,size,size)``: top-left crops of the first ``count`` shared test pairs (Y, [0,1])."""
+def test_crops(datasets, task, count, size):
+    """``(count,2,size,size)``: top-left crops of the first ``count`` test pairs (Y, [0,1])."""
     import torch
 
     from utils.fuse import luma_batch, read_pair
     from utils.image import pair_images, to_ycrcb
-    first, second = (os.path.join(SHARED, "datasets", task, "test", d) for d in TEST_FOLDERS[task])
+    first, second = test_split(datasets, task)
     if not os.path.isdir(first):
-        sys.exit(f"error: no shared test set at {first}")
+        sys.exit(f"error: no test split at {first}")
     crops = []
     for _, path1, path2 in pair_images(first, second)[:count]:
         rgb1, rgb2 = read_pair(path1, path2)
@@ -63,7 +62,8 @@ def proposal_summary(lpn, pairs, symmetric):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with LPN_epoch<N>.pth")
-    parser.add_argument("--task", required=True, choices=sorted(TEST_FOLDERS))
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--datasets", required=True, help="folder holding <TASK>/test/")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
@@ -73,8 +73,8 @@ def main():
 
     if not os.path.isdir(args.run):
         sys.exit(f"error: no training run folder {args.run}")
-    pairs = test_crops(args.task, args.pairs, args.size)
-    names = TEST_FOLDERS[args.task]
+    pairs = test_crops(args.datasets, args.task, args.pairs, args.size)
+    names = TASKS[args.task].dataset
     epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)
                                               for f in os.listdir(args.run)) if m)
     if not epochs:

@@ -1,12 +1,12 @@
 """Ship a finished training run as models/ReFusion_<TASK>.pth with its record models/<TASK>.json.
 
-    python bench/ship_model.py --run exp/MIF/20261124_170514 \
+    python -m tools.ship_model --run exp/MIF/20261124_170514 \
         --command "python train.py --data data/MIF_train.h5 --task MIF --preset cpu --seed 0"
 
 The record holds the exact commands (as given), the run's config, the h5 attributes of its data,
 step counts, per-epoch wall time and losses (log.csv), and the machine. A run that has not
-finished every epoch is refused unless ``--epoch N`` names a finished one. bench/quality_report.py adds the "quality" entry afterwards;
-shipping new weights drops a stale one.
+finished every epoch is refused unless ``--epoch N`` names a finished one. tools/quality_report.py
+adds the "quality" entry afterwards; shipping new weights drops a stale one.
 """
 import argparse
 import csv
@@ -17,10 +17,9 @@ import platform
 import shutil
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from utils.errors import UserError, run_script
 
-from utils.errors import UserError, run_script  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sha256(path):

@@ -1,11 +1,11 @@
-"""The hand-written derivatives of the depthwise and pointwise convolutions, to second order."""
+"""utils.kernels.linear: the hand-written derivatives of the depthwise and pointwise convolutions
+to second order, and the fused kernels' values."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from utils.convolutions import (depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise,
-                                per_image_pointwise_add, pointwise_conv, pointwise_conv_add)
+from utils.kernels.linear import depthwise_conv3x3, depthwise_conv3x3_gelu, per_image_pointwise, pointwise_conv
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -66,20 +66,16 @@ def test_matches_grouped_conv2d_and_its_gradients():
 
 
 def test_inference_fusions_match_the_differentiable_path():
-    """Without autograd the GELU and the residual adds run fused (oneDNN post-ops, baddbmm);
-    with autograd they are the plain composition. Both must give the same values."""
+    """Without autograd the GELU runs fused (a oneDNN post-op) and 1x1 convolutions call oneDNN
+    directly; with autograd they are the plain composition. Both must give the same values."""
     g = torch.Generator().manual_seed(3)
     layout = torch.channels_last
     x = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=layout)
     depthwise = torch.randn(6, 1, 3, 3, generator=g)
     pointwise = torch.randn(4, 6, 1, 1, generator=g)
-    residual = torch.randn(2, 4, 9, 7, generator=g).contiguous(memory_format=layout)
-    rows, mixer, row_residual = (torch.randn(shape, generator=g)
-                                 for shape in ((2, 63, 6), (2, 4, 6), (2, 63, 4)))
     cases = [(depthwise_conv3x3_gelu, (x, depthwise), lambda x, w: F.gelu(F.conv2d(x, w, padding=1, groups=6)), 1e-6),
              # on one thread PyTorch's 1x1 conv2d leaves oneDNN for its own GEMM: other rounding
-             (pointwise_conv_add, (x, pointwise, residual), lambda x, w, r: r + F.conv2d(x, w), 1e-6),
-             (per_image_pointwise_add, (rows, mixer, row_residual), lambda x, w, r: r + x @ w.transpose(1, 2), 0)]
+             (pointwise_conv, (x, pointwise), lambda x, w: F.conv2d(x, w), 1e-6)]
     for fn, inputs, reference, tolerance in cases:
         with torch.no_grad():
             fused = fn(*inputs)
@@ -99,10 +95,8 @@ def test_forward_mode_derivatives_are_not_dropped_by_the_fused_kernels():
     g = torch.Generator().manual_seed(4)
     layout = torch.channels_last
     x = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=layout)
-    residual = torch.randn(2, 4, 9, 7, generator=g).contiguous(memory_format=layout)
     depthwise, pointwise = torch.randn(6, 1, 3, 3, generator=g), torch.randn(4, 6, 1, 1, generator=g)
     cases = [(depthwise_conv3x3_gelu, lambda w: F.gelu(F.conv2d(x, w, padding=1, groups=6)), depthwise),
-             (lambda x_, w: pointwise_conv_add(x_, w, residual), lambda w: residual + F.conv2d(x, w), pointwise),
              (pointwise_conv, lambda w: F.conv2d(x, w), pointwise)]
     for fn, reference, weight in cases:
         tangent = torch.randn(weight.shape, generator=g)
@@ -113,15 +107,3 @@ def test_forward_mode_derivatives_are_not_dropped_by_the_fused_kernels():
         with forward_ad.dual_level():
             ours = forward_ad.unpack_dual(fn(x, forward_ad.make_dual(weight, tangent))).tangent
         assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
-def test_fused_sums_keep_the_residuals_gradient():
-    """A residual that alone needs a gradient must take the differentiable path, not the fused one."""
-    x = torch.randn(1, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(1, 2, 4, 5, requires_grad=True)
-    (grad,) = torch.autograd.grad(pointwise_conv_add(x, torch.randn(2, 3, 1, 1), residual).sum(), residual)
-    assert torch.equal(grad, torch.ones_like(residual))
-    row_residual = torch.randn(1, 20, 2, requires_grad=True)
-    (grad,) = torch.autograd.grad(
-        per_image_pointwise_add(torch.randn(1, 20, 3), torch.randn(1, 2, 3), row_residual).sum(), row_residual)
-    assert torch.equal(grad, torch.ones_like(row_residual))

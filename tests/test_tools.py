@@ -1,0 +1,75 @@
+"""tools/score_run.py end to end: scores.csv rows equal eval.py on test.py's output, only missing
+epochs are scored, and the learning curve is drawn. (Tests run the tools as commands.)"""
+import csv
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+from conftest import ROOT
+from eval import mean_row, score_folders
+from ReFusion import ReFusion
+
+
+def score_run(*args):
+    return subprocess.run([sys.executable, "-m", "tools.score_run", *args, "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def random_weights(path, seed):
+    torch.manual_seed(seed)
+    torch.save(ReFusion().state_dict(), path)
+
+
+def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
+    rng = np.random.default_rng(0)
+    test_split = tmp_path / "datasets" / "IVIF" / "test"
+    for folder in ("ir", "vi"):
+        (test_split / folder).mkdir(parents=True)
+        for stem in ("a", "b"):
+            cv2.imwrite(str(test_split / folder / f"{stem}.png"), rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"task": "IVIF"}')
+    (run / "log.csv").write_text("epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds\n"
+                                 "1,0.4,0.01,0.25,0.0001,3425.1\n2,0.2,0.012,0.15,0.0001,3238.6\n")
+    for epoch in (1, 2):
+        random_weights(run / f"ReFusion_epoch{epoch}.pth", epoch)
+    random_weights(tmp_path / "released.pth", 9)
+    args = [str(run), "--datasets", str(tmp_path / "datasets"), "--released", str(tmp_path / "released.pth")]
+
+    result = score_run(*args)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(run / "scores.csv")))
+    assert [r["weights"] for r in rows] == ["released", "shipped", "epoch1", "epoch2"]
+    assert rows[3]["seconds"] == "3238.6" and rows[3]["fusion_loss"] == "0.012" and rows[3]["pairs"] == "2"
+
+    # epoch 1's row is eval.py's mean over what test.py writes with those weights
+    out = tmp_path / "fused"
+    fused = subprocess.run([sys.executable, "test.py", "--task", "IVIF", "--img1", str(test_split / "ir"),
+                            "--img2", str(test_split / "vi"), "--model", str(run / "ReFusion_epoch1.pth"),
+                            "--out", str(out), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert fused.returncode == 0, fused.stderr
+    expected = mean_row(score_folders(str(test_split / "ir"), str(test_split / "vi"), str(out / "Gray")))
+    for metric in ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"):
+        assert abs(float(rows[2][metric]) - expected[metric]) <= 1e-6 * max(1, abs(expected[metric]))
+
+    # a new epoch adds one row; the others are not scored again
+    random_weights(run / "ReFusion_epoch3.pth", 3)
+    assert score_run(*args).returncode == 0
+    rows_after = list(csv.DictReader(open(run / "scores.csv")))
+    assert rows_after[:4] == rows and [r["weights"] for r in rows_after[4:]] == ["epoch3"]
+    assert rows_after[4]["seconds"] == ""  # not in log.csv
+
+    svg = (run / "learning_curve.svg").read_text()
+    assert svg.count("<polyline") == 4 and svg.count('stroke-dasharray') == 8  # 4 panels x 2 levels
+    for metric in ("VIF", "Qabf", "SSIM", "SF"):
+        assert f">{metric}</text>" in svg
+    os.remove(run / "learning_curve.svg")
+    assert score_run(str(run), "--plot_only").returncode == 0 and (run / "learning_curve.svg").exists()
+
+    missing = score_run(str(tmp_path / "nowhere"), "--plot_only")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr

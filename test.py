@@ -19,6 +19,8 @@ path_img2 = None      # file or folder; None: test_cases/<task>/<second source f
 path_model = None     # None: models/ReFusion_<task>.pth
 path_result = None    # None: test_results/<task>
 device = "auto"       # auto | cpu | cuda | mps
+max_memory = "auto"   # working memory of the network ("512MB", "4GB"); larger images are fused
+                      # exactly from tiles. auto: what the device has available
 # -----------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--model", default=path_model, help="ReFusion weights (.pth)")
     parser.add_argument("--out", default=path_result, help="result folder")
     parser.add_argument("--device", default=device, help="auto | cpu | cuda | mps")
+    parser.add_argument("--max_memory", default=max_memory,
+                        help="memory the network may use, e.g. 512MB or 4GB (auto: what is available); "
+                             "larger images are fused exactly in tiles")
     return parser.parse_args(argv)
 
 
@@ -88,14 +93,25 @@ def run(args):
     from utils.image import pair_images, write_png
     from utils.runtime import resolve_device
 
+    from utils.tiled import parse_size
+
     jobs, untrained = plan_jobs(args)
+    budget = parse_size(args.max_memory)
     target = resolve_device(args.device)
     for name, img1, img2, model_path, out in jobs:
         pairs = pair_images(img1, img2)
         model = load_weights(ReFusion(), model_path, MODEL_HINT).to(target).eval()
         colour = 0
         for stem, path1, path2 in tqdm(pairs, desc=name, unit="pair"):
-            grey, rgb = fuse_rgb(model, *read_pair(path1, path2), target)
+            sources = read_pair(path1, path2)
+            try:
+                grey, rgb = fuse_rgb(model, *sources, target, budget)
+            except (MemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                height, width = sources[0].shape[:2]
+                raise UsageError(f"out of memory fusing {stem} ({width}x{height}) on {target.type}; "
+                                 f"try a smaller --max_memory (e.g. 1GB) to fuse it in tiles") from None
             write_png(os.path.join(out, "Gray", f"{stem}.png"), grey)
             if rgb is not None:
                 write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
@@ -104,6 +120,12 @@ def run(args):
     if untrained:
         models = ", ".join(os.path.relpath(os.path.join(ROOT, "models", f"ReFusion_{t}.pth")) for t in untrained)
         raise UsageError(f"no model for {', '.join(untrained)}: {models} not found ({MODEL_HINT})")
+
+
+def is_out_of_memory(error):
+    """Whether ``error`` is a failed allocation (PyTorch reports CPU ones as RuntimeError)."""
+    return isinstance(error, MemoryError) or "out of memory" in str(error).lower() or \
+        "can't allocate memory" in str(error)
 
 
 def main(argv=None):

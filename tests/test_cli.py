@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils.tasks import TASKS
 from ReFusion import ReFusion
+from utils.tasks import TASKS
 
 spec = importlib.util.spec_from_file_location("refusion_test_script", os.path.join(ROOT, "test.py"))
 test_script = importlib.util.module_from_spec(spec)

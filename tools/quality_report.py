@@ -66,4 +66,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.runtime import keep_freed_memory
+    keep_freed_memory()
     sys.exit(main())

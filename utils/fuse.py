@@ -20,14 +20,16 @@ def luma_batch(ycrcb1, ycrcb2):
 
 
 @torch.no_grad()
-def fuse_rgb(model, rgb1, rgb2, device):
+def fuse_rgb(model, rgb1, rgb2, device, max_memory=None):
     """Fuse two registered RGB float32 [0,255] images.
 
-    Returns ``(grey, rgb)``: the fused Y as uint8 ``(H,W)`` and, when a source has colour, the
-    colour result as uint8 ``(H,W,3)`` (else None).
+    ``max_memory``: bytes the network's forward may use (None: what is available); a larger image
+    is fused exactly from tiles (``utils.tiled``). Returns ``(grey, rgb)``: the fused Y as uint8
+    ``(H,W)`` and, when a source has colour, the colour result as uint8 ``(H,W,3)`` (else None).
     """
+    from utils.tiled import fuse
     ycrcb1, ycrcb2 = to_ycrcb(rgb1), to_ycrcb(rgb2)
-    fused = model(luma_batch(ycrcb1, ycrcb2).to(device))[0, 0].float().cpu().numpy()
+    fused = fuse(model, luma_batch(ycrcb1, ycrcb2).to(device), max_memory)[0, 0].float().cpu().numpy()
     grey255 = stretch(fused) * np.float32(255)
     chroma = output_chroma(rgb1, rgb2, ycrcb1, ycrcb2)
     return to_uint8(grey255), (None if chroma is None else colourise(grey255, chroma))

@@ -4,6 +4,8 @@ similarities of q's and k's channels over all pixels, applied to v, then the out
 Exact reformulations only: the projection is folded into the (c x c) attention so that both cost
 one product over the pixels; pixel-row copies use OpenCV's blocked transpose on CPU.
 """
+from contextvars import ContextVar
+
 import cv2
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,10 @@ import torch.nn.functional as F
 from utils.kernels.linear import per_image_pointwise, records_graph
 
 CHANNELS_LAST = torch.channels_last
+
+# While set, ``head_attention`` hands its q, k and temperature to this callable, which returns the
+# attention matrix: how ``utils.tiled`` evaluates the global attention exactly from tiles.
+ATTENTION_OVERRIDE = ContextVar("attention_override", default=None)
 
 
 def pixel_rows(x):
@@ -128,6 +134,9 @@ def cosine_logits(q_rows, k_rows):
 def head_attention(q, k, temperature):
     """``softmax(norm(q) norm(k)^T * t_h)`` per head: ``(B,C,H,W), (B,C,H,W), (heads,1,1)`` ->
     ``(B,heads,c,c)`` with ``c = C/heads``, rows of q and k L2-normalised over all pixels."""
+    override = ATTENTION_OVERRIDE.get()
+    if override is not None:
+        return override(q, k, temperature)
     batch, channels, height, width = q.shape
     heads = temperature.shape[0]
 

@@ -1,0 +1,117 @@
+"""utils/tiled.py: the tiled forward equals the whole-image forward; test.py's --max_memory."""
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, needs_reference, release_weights
+from ReFusion import ReFusion
+from utils.checkpoint import load_weights
+from utils.tiled import HALO, fuse, fuse_tiled, parse_size, tile_for
+import utils.tiled
+from utils.tasks import TASKS
+
+# test.py by path: the name "test" is also a package of Python's standard library
+_spec = importlib.util.spec_from_file_location("refusion_test_script_tiled", os.path.join(ROOT, "test.py"))
+test_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_script)
+main = test_script.main
+
+# (height, width, tile): sizes not divisible by the tile, thin images, tiles smaller than the halo
+SHAPES = [(37, 53, 16), (7, 9, 4), (1, 40, 8), (40, 1, 8), (30, 30, 50)]
+
+
+def assert_tiled_equals_whole(model, shapes=SHAPES, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for height, width, tile in shapes:
+        x = torch.rand(2, 2, height, width, generator=generator)  # two images: per-image attention
+        with torch.no_grad():
+            whole, tiled = model(x), fuse_tiled(model, x, tile)
+        assert tiled.shape == whole.shape
+        assert (tiled - whole).abs().max() <= 1e-5, (height, width, tile)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tiled_equals_whole_image_with_the_shipped_weights(task):
+    assert_tiled_equals_whole(load_weights(ReFusion(), os.path.join(ROOT, "models", f"ReFusion_{task}.pth")).eval())
+
+
+@needs_reference
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tiled_equals_whole_image_with_the_released_weights(task):
+    assert_tiled_equals_whole(load_weights(ReFusion(), release_weights(task)).eval(), SHAPES[:2], seed=1)
+
+
+def test_a_margin_below_the_receptive_radius_shows_at_the_seams():
+    """The comparison above can fail: with too small a margin the tiles' edges differ."""
+    model = load_weights(ReFusion(), os.path.join(ROOT, "models", "ReFusion_IVIF.pth")).eval()
+    x = torch.rand(1, 2, 48, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = model(x)
+        assert (fuse_tiled(model, x, 16, halo=HALO // 2) - whole).abs().max() > 1e-4
+        assert (fuse_tiled(model, x, 16) - whole).abs().max() <= 1e-5
+
+
+def test_memory_budget_picks_whole_image_or_tiles(monkeypatch):
+    assert tile_for(100, 100, None) is None and tile_for(100, 100, 10 ** 9) is None
+    tile = tile_for(4096, 4096, 512 * 2 ** 20)
+    assert 16 <= tile < 4096 and (tile + 2 * HALO) ** 2 * utils.tiled.BYTES_PER_PIXEL <= 512 * 2 ** 20
+    calls = []
+    monkeypatch.setattr(utils.tiled, "fuse_tiled", lambda model, x, tile: calls.append(tile) or model(x))
+    model = ReFusion().eval()
+    fuse(model, torch.rand(1, 2, 40, 40), max_memory=10 ** 9)
+    assert calls == []
+    fuse(model, torch.rand(1, 2, 40, 40), max_memory=40 * 40 * utils.tiled.BYTES_PER_PIXEL - 1)
+    assert calls == [16]
+
+
+@pytest.mark.parametrize("text, size", [("512MB", 512 * 2 ** 20), ("4GB", 4 * 2 ** 30), ("1.5g", int(1.5 * 2 ** 30)),
+                                        ("800M", 800 * 2 ** 20), ("1000", 1000), ("auto", None)])
+def test_memory_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def write_pair(folder, height, width):
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+    yy, xx = np.mgrid[0:height, 0:width]
+    scene = 127 + 90 * np.sin(xx / 5) * np.cos(yy / 7)
+    cv2.imwrite(str(folder / "a" / "p.png"), np.clip(scene + rng.normal(0, 8, scene.shape), 0, 255).astype(np.uint8))
+    colour = np.stack([255 - scene, scene, np.full_like(scene, 90)], axis=-1)
+    cv2.imwrite(str(folder / "b" / "p.png"), np.clip(colour, 0, 255).astype(np.uint8))
+
+
+def test_test_py_with_a_small_max_memory_writes_the_same_images(tmp_path):
+    write_pair(tmp_path / "in", 90, 70)
+    args = ["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
+            "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    assert main(args + ["--out", str(tmp_path / "tiled"), "--max_memory", "12MB"]) == 0  # 2 x 2 tiles
+    for kind in ("Gray", "RGB"):
+        whole, tiled = (cv2.imread(str(tmp_path / run / kind / "p.png"), cv2.IMREAD_UNCHANGED).astype(int)
+                        for run in ("whole", "tiled"))
+        assert np.abs(whole - tiled).max() <= 1
+
+
+def test_running_out_of_memory_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    write_pair(tmp_path / "in", 30, 40)
+
+    def fail(*_):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(utils.tiled, "fuse", fail)
+    out = tmp_path / "out"
+    assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
+                 "--out", str(out), "--max_memory", "1GB"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: out of memory fusing p (40x30) on cpu; try a smaller --max_memory (e.g. 1GB) "
+                       "to fuse it in tiles")
+    assert not (out / "Gray").exists() or not os.listdir(out / "Gray")
+    assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
+                 "--out", str(out), "--max_memory", "plenty"]) == 1
+    assert "cannot read memory size 'plenty'" in capsys.readouterr().err

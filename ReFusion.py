@@ -158,8 +158,10 @@ class CrossAttentionMerge(nn.Module):
     def forward(self, x1, x2):
         q1, k1, v1 = conv_parts(x1, self.qkv1, self.qkv1_dwconv, 3)
         q2, k2, v2 = conv_parts(x2, self.qkv2, self.qkv2_dwconv, 3)
-        x1 = x1 + project_attended(head_attention(q2, k1, self.temperature1), v1, self.project_mid1.weight)
-        x2 = x2 + project_attended(head_attention(q1, k2, self.temperature2), v2, self.project_mid2.weight)
+        attn1 = head_attention(q2, k1, self.temperature1)
+        attn2 = head_attention(q1, k2, self.temperature2)
+        x1 = x1 + project_attended(attn1, v1, self.project_mid1.weight)
+        x2 = x2 + project_attended(attn2, v2, self.project_mid2.weight)
         return in_strips(self.gated_expansion, torch.cat([x1, x2], dim=1))
 
     def gated_expansion(self, m):

@@ -14,8 +14,9 @@ from utils.kernels.linear import per_image_pointwise, records_graph
 
 CHANNELS_LAST = torch.channels_last
 
-# While set, ``head_attention`` hands its q, k and temperature to this callable, which returns the
-# attention matrix: how ``utils.tiled`` evaluates the global attention exactly from tiles.
+# While set, ``head_attention`` hands its q, k and temperature to this object's ``matrix``, which
+# returns the attention matrix, and ``project_attended`` shows it each matrix before using it
+# (``before_use``): how ``utils.tiled`` evaluates the global attention exactly from tiles.
 ATTENTION_OVERRIDE = ContextVar("attention_override", default=None)
 
 
@@ -136,7 +137,7 @@ def head_attention(q, k, temperature):
     ``(B,heads,c,c)`` with ``c = C/heads``, rows of q and k L2-normalised over all pixels."""
     override = ATTENTION_OVERRIDE.get()
     if override is not None:
-        return override(q, k, temperature)
+        return override.matrix(q, k, temperature)
     batch, channels, height, width = q.shape
     heads = temperature.shape[0]
 
@@ -153,6 +154,9 @@ def project_attended(attn, v, projection):
     ``projection @ blockdiag(attn)`` is only ``(Cout, C)``, so attention and projection together
     cost one product over the pixels, with v read in place (channels-last).
     """
+    override = ATTENTION_OVERRIDE.get()
+    if override is not None:
+        override.before_use(attn)
     batch, channels, height, width = v.shape
     heads = attn.shape[1]
     proj = projection.flatten(1).view(-1, heads, channels // heads)  # (Cout, heads, c)

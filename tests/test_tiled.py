@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, needs_reference, release_weights
 from ReFusion import ReFusion
 from utils.checkpoint import load_weights
-from utils.tiled import HALO, fuse, fuse_tiled, parse_size, tile_for
+from utils.tiled import HALO, fuse, fuse_tiled, parse_size, plan
 import utils.tiled
 from utils.tasks import TASKS
 
@@ -29,9 +29,11 @@ def assert_tiled_equals_whole(model, shapes=SHAPES, seed=0):
     for height, width, tile in shapes:
         x = torch.rand(2, 2, height, width, generator=generator)  # two images: per-image attention
         with torch.no_grad():
-            whole, tiled = model(x), fuse_tiled(model, x, tile)
-        assert tiled.shape == whole.shape
-        assert (tiled - whole).abs().max() <= 1e-5, (height, width, tile)
+            whole = model(x)
+            for keep in (True, False):  # block outputs kept between sweeps, or recomputed
+                tiled = fuse_tiled(model, x, tile, keep=keep)
+                assert tiled.shape == whole.shape
+                assert (tiled - whole).abs().max() <= 1e-5, (height, width, tile, keep)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -53,18 +55,28 @@ def test_a_margin_below_the_receptive_radius_shows_at_the_seams():
         whole = model(x)
         assert (fuse_tiled(model, x, 16, halo=HALO // 2) - whole).abs().max() > 1e-4
         assert (fuse_tiled(model, x, 16) - whole).abs().max() <= 1e-5
+    # the model is left as it was: no override in force, every block's own forward
+    from utils.kernels.attention import ATTENTION_OVERRIDE
+    assert ATTENTION_OVERRIDE.get() is None
+    assert not [b for b in utils.tiled.attention_blocks(model) if "forward" in vars(b)]
+    with torch.no_grad():
+        assert torch.equal(model(x), whole)
 
 
 def test_memory_budget_picks_whole_image_or_tiles(monkeypatch):
-    assert tile_for(100, 100, None) is None and tile_for(100, 100, 10 ** 9) is None
-    tile = tile_for(4096, 4096, 512 * 2 ** 20)
-    assert 16 <= tile < 4096 and (tile + 2 * HALO) ** 2 * utils.tiled.BYTES_PER_PIXEL <= 512 * 2 ** 20
+    per_pixel, gigabytes = utils.tiled.BYTES_PER_PIXEL, 2 ** 30
+    assert plan(100, 100, None) == (None, False) and plan(100, 100, gigabytes) == (None, False)
+    tile, keep = plan(2048, 2048, 2 * gigabytes)  # the kept block outputs fit in half the budget
+    kept = 2074 * 2074 * utils.tiled.KEPT_BYTES_PER_PIXEL * 1.3
+    assert keep and 16 <= tile < 2048 and (tile + 2 * HALO) ** 2 * per_pixel + kept <= 2 * gigabytes
+    tile, keep = plan(8192, 8192, 2 * gigabytes)  # they do not: every sweep starts from the input
+    assert not keep and 16 <= tile and (tile + 2 * HALO) ** 2 * per_pixel <= 2 * gigabytes
     calls = []
-    monkeypatch.setattr(utils.tiled, "fuse_tiled", lambda model, x, tile: calls.append(tile) or model(x))
+    monkeypatch.setattr(utils.tiled, "fuse_tiled", lambda model, x, tile, keep: calls.append(tile) or model(x))
     model = ReFusion().eval()
-    fuse(model, torch.rand(1, 2, 40, 40), max_memory=10 ** 9)
+    fuse(model, torch.rand(1, 2, 40, 40), max_memory=gigabytes)
     assert calls == []
-    fuse(model, torch.rand(1, 2, 40, 40), max_memory=40 * 40 * utils.tiled.BYTES_PER_PIXEL - 1)
+    fuse(model, torch.rand(1, 2, 40, 40), max_memory=40 * 40 * per_pixel - 1)
     assert calls == [16]
 
 

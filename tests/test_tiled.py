@@ -64,13 +64,13 @@ def test_a_margin_below_the_receptive_radius_shows_at_the_seams():
 
 
 def test_memory_budget_picks_whole_image_or_tiles(monkeypatch):
-    per_pixel, gigabytes = utils.tiled.BYTES_PER_PIXEL, 2 ** 30
+    per_pixel, gigabytes, share = utils.tiled.BYTES_PER_PIXEL, 2 ** 30, utils.tiled.PLANNED_SHARE
     assert plan(100, 100, None) == (None, False) and plan(100, 100, gigabytes) == (None, False)
     tile, keep = plan(2048, 2048, 2 * gigabytes)  # the kept block outputs fit in half the budget
     kept = 2074 * 2074 * utils.tiled.KEPT_BYTES_PER_PIXEL * 1.3
-    assert keep and 16 <= tile < 2048 and (tile + 2 * HALO) ** 2 * per_pixel + kept <= 2 * gigabytes
+    assert keep and 16 <= tile < 2048 and (tile + 2 * HALO) ** 2 * per_pixel + kept <= 2 * gigabytes * share
     tile, keep = plan(8192, 8192, 2 * gigabytes)  # they do not: every sweep starts from the input
-    assert not keep and 16 <= tile and (tile + 2 * HALO) ** 2 * per_pixel <= 2 * gigabytes
+    assert not keep and 16 <= tile and (tile + 2 * HALO) ** 2 * per_pixel <= 2 * gigabytes * share
     calls = []
     monkeypatch.setattr(utils.tiled, "fuse_tiled", lambda model, x, tile, keep: calls.append(tile) or model(x))
     model = ReFusion().eval()

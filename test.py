@@ -89,7 +89,7 @@ def run(args):
 
     from ReFusion import ReFusion
     from utils.checkpoint import load_weights
-    from utils.fuse import fuse_rgb, read_pair
+    from utils.fuse import FusionOutOfMemory, fuse_pair
     from utils.image import pair_images, write_png
     from utils.runtime import resolve_device
 
@@ -103,15 +103,10 @@ def run(args):
         model = load_weights(ReFusion(), model_path, MODEL_HINT).to(target).eval()
         colour = 0
         for stem, path1, path2 in tqdm(pairs, desc=name, unit="pair"):
-            sources = read_pair(path1, path2)
             try:
-                grey, rgb = fuse_rgb(model, *sources, target, budget)
-            except (MemoryError, RuntimeError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                height, width = sources[0].shape[:2]
-                raise UsageError(f"out of memory fusing {stem} ({width}x{height}) on {target.type}; "
-                                 f"try a smaller --max_memory (e.g. 1GB) to fuse it in tiles") from None
+                grey, rgb = fuse_pair(model, path1, path2, target, budget)
+            except FusionOutOfMemory as error:
+                raise UsageError(f"{stem}: {error}") from None
             write_png(os.path.join(out, "Gray", f"{stem}.png"), grey)
             if rgb is not None:
                 write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
@@ -120,12 +115,6 @@ def run(args):
     if untrained:
         models = ", ".join(os.path.relpath(os.path.join(ROOT, "models", f"ReFusion_{t}.pth")) for t in untrained)
         raise UsageError(f"no model for {', '.join(untrained)}: {models} not found ({MODEL_HINT})")
-
-
-def is_out_of_memory(error):
-    """Whether ``error`` is a failed allocation (PyTorch reports CPU ones as RuntimeError)."""
-    return isinstance(error, MemoryError) or "out of memory" in str(error).lower() or \
-        "can't allocate memory" in str(error)
 
 
 def main(argv=None):

@@ -121,7 +121,7 @@ def test_running_out_of_memory_is_one_error_line_and_writes_nothing(tmp_path, mo
     assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
                  "--out", str(out), "--max_memory", "1GB"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: out of memory fusing p (40x30) on cpu; try a smaller --max_memory (e.g. 1GB) "
+    assert err[-1] == ("error: p: out of memory fusing 40x30 on cpu; try a smaller --max_memory (e.g. 1GB) "
                        "to fuse it in tiles")
     assert not (out / "Gray").exists() or not os.listdir(out / "Gray")
     assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),

@@ -16,7 +16,7 @@ def fuse_folder(weights, img1, img2, out, stems=None, device="auto"):
     (all when None). Returns the number of pairs fused."""
     from ReFusion import ReFusion
     from utils.checkpoint import load_weights
-    from utils.fuse import fuse_rgb, read_pair
+    from utils.fuse import fuse_pair
     from utils.image import pair_images, write_png
     from utils.runtime import resolve_device
 
@@ -24,7 +24,7 @@ def fuse_folder(weights, img1, img2, out, stems=None, device="auto"):
     model = load_weights(ReFusion(), weights).to(target).eval()
     pairs = [p for p in pair_images(img1, img2) if stems is None or p[0] in stems]
     for stem, path1, path2 in pairs:
-        grey, _ = fuse_rgb(model, *read_pair(path1, path2), target)
+        grey, _ = fuse_pair(model, path1, path2, target)
         write_png(os.path.join(out, "Gray", f"{stem}.png"), grey)
     return len(pairs)
 

@@ -19,38 +19,46 @@ class ImageError(UserError):
     """A user-facing problem with an input or output image (one-line message)."""
 
 
-def read_rgb(path):
-    """Image file -> ``(H,W,3)`` float32 RGB in [0,255].
-
-    Accepts 8- and 16-bit (scaled by 255/65535) and float images, grey, RGB or RGBA (alpha
-    dropped). Grey images become three equal channels, as the release reads everything as colour.
-    """
+def decode(path):
+    """Image file -> the array OpenCV decodes: uint8, uint16 or float; grey, BGR or BGRA."""
     if not os.path.isfile(path):
         raise ImageError(f"image not found: {path}")
     data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
     image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     if image is None:
         raise ImageError(f"cannot read image {path}: not a supported image file or corrupt")
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise ImageError(f"cannot read image {path}: unsupported pixel type {image.dtype}")
+    if image.ndim == 3 and image.shape[2] not in (3, 4):
+        raise ImageError(f"cannot read image {path}: {image.shape[2]} channels are not supported")
+    return image
+
+
+def to_rgb(image):
+    """A decoded image (or a band of its rows) -> ``(H,W,3)`` float32 RGB in [0,255]: 16-bit
+    scaled by 255/65535, float clipped to [0,1] and scaled, grey repeated in three channels (the
+    release reads everything as colour), alpha dropped."""
     if image.dtype == np.uint8:
         image = image.astype(np.float32)
     elif image.dtype == np.uint16:
         image = image.astype(np.float32) * np.float32(255 / 65535)
-    elif image.dtype in (np.float32, np.float64):
-        image = np.clip(image.astype(np.float32), 0, 1) * np.float32(255)
     else:
-        raise ImageError(f"cannot read image {path}: unsupported pixel type {image.dtype}")
+        image = np.clip(image.astype(np.float32), 0, 1) * np.float32(255)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    if image.shape[2] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    raise ImageError(f"cannot read image {path}: {image.shape[2]} channels are not supported")
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
 
 
-def is_grey(rgb):
-    """True when all three channels are equal (a grey image stored as colour counts as grey)."""
-    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+def read_rgb(path):
+    """Image file -> ``(H,W,3)`` float32 RGB in [0,255] (``to_rgb(decode(path))``)."""
+    return to_rgb(decode(path))
+
+
+def is_grey(image):
+    """True when an RGB image's three channels are equal (a grey image stored as colour counts as
+    grey); also for a decoded image (``decode``), whose grey form has no channel axis."""
+    return image.ndim == 2 or bool(np.array_equal(image[..., 0], image[..., 1])
+                                   and np.array_equal(image[..., 1], image[..., 2]))
 
 
 def to_ycrcb(rgb):
@@ -82,9 +90,10 @@ def output_chroma(rgb1, rgb2, ycrcb1, ycrcb2):
     return fuse_chroma(ycrcb1[..., 1:], ycrcb2[..., 1:])
 
 
-def stretch(fused):
-    """Min-max normalise a fused map to [0,1] as the release does; a constant map is left as is."""
-    low, high = float(fused.min()), float(fused.max())
+def stretch(fused, bounds=None):
+    """Min-max normalise a fused map to [0,1] as the release does; a constant map is left as is.
+    ``bounds``: the whole map's (min, max) when ``fused`` is a band of it."""
+    low, high = bounds or (float(fused.min()), float(fused.max()))
     if high > low:
         return (fused - low) / (high - low)
     return fused

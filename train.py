@@ -122,7 +122,7 @@ def check_config(config):
 
 def empty_sums():
     """Running loss totals of the current epoch (kept in checkpoint.pt)."""
-    return {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0}
+    return {"meta": 0.0, "fusion": 0.0, "recon": 0.0, "meta_n": 0, "fusion_n": 0, "seconds": 0.0}
 
 
 def lr_at(config, epoch, key="lr"):
@@ -175,12 +175,13 @@ class Trainer:
         self.lpn_update = LPNUpdate(self.lpn, config["accumulation_steps"])
         self.sums = empty_sums()
         self.stop_reason = None  # "SIGINT", "SIGTERM" or "max_time": stop at the next step boundary
+        self.stretch_started = time.time()  # start of this stretch of the current epoch
         self.deadline = self.next_checkpoint = None
 
     def start_clock(self):
         """``--max_time`` and ``--checkpoint_every`` count from here."""
         from utils.runtime import parse_duration
-        now = time.monotonic()
+        now, self.stretch_started = time.monotonic(), time.time()
         limit = parse_duration(self.config["max_time"])
         self.deadline = now + limit if limit else None
         self.checkpoint_interval = parse_duration(self.config["checkpoint_every"])
@@ -199,13 +200,18 @@ class Trainer:
         return False
 
     # -- checkpoints -------------------------------------------------------------------------
+    def epoch_seconds(self):
+        """Wall time spent in the current epoch, over every stretch of it (resumes included)."""
+        return self.sums.get("seconds", 0.0) + time.time() - self.stretch_started
+
     def state(self):
         import torch
+        sums = dict(self.sums, seconds=self.epoch_seconds())
         return {"config": self.config, "epoch": self.epoch, "stage": self.stage, "step": self.step,
                 "fusion": self.fusion.state_dict(), "recon": self.recon.state_dict(),
                 "lpn": self.lpn.state_dict(), "opt_fusion": self.opt_fusion.state_dict(),
                 "opt_recon": self.opt_recon.state_dict(), "lpn_grads": self.lpn_update.pending,
-                "sums": self.sums, "crop_rng": self.crop_rng.get_state(),
+                "sums": sums, "crop_rng": self.crop_rng.get_state(),
                 "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self):
@@ -258,7 +264,6 @@ class Trainer:
 
         c = self.config
         while self.epoch < c["epochs"]:
-            started = time.time()
             rate, lpn_rate = lr_at(c, self.epoch), lr_at(c, self.epoch, "lpn_lr")
             for optimiser in (self.opt_fusion, self.opt_recon):
                 for group in optimiser.param_groups:
@@ -295,7 +300,7 @@ class Trainer:
                 self.step = k + 1
                 bar.set_postfix(fusion=f"{self.sums['fusion'] / self.sums['fusion_n']:.4f}",
                                 recon=f"{self.sums['recon'] / self.sums['fusion_n']:.4f}")
-            self.finish_epoch(rate, time.time() - started)
+            self.finish_epoch(rate, self.epoch_seconds())
         return True
 
     def finish_epoch(self, rate, seconds):
@@ -311,7 +316,7 @@ class Trainer:
         self.save_weights()
         self.save_samples()
         self.epoch, self.stage, self.step = self.epoch + 1, "meta", 0
-        self.sums = empty_sums()
+        self.sums, self.stretch_started = empty_sums(), time.time()
         self.save_checkpoint()
         if self.checkpoint_interval:
             self.next_checkpoint = time.monotonic() + self.checkpoint_interval

@@ -171,8 +171,12 @@ def test_max_time_stops_with_exit_0_and_a_checkpoint_that_resumes(patches, tmp_p
     assert (state["epoch"], state["stage"]) == (0, "meta") and state["step"] <= 1
     assert not os.path.exists(os.path.join(run_dir, "log.csv"))
     # the limit is for this command only: the resumed run takes its own (none here) and finishes
+    time.sleep(1.5)  # between the stretches: not part of the epoch's wall time
     assert train_script.main(["--resume", os.path.join(run_dir, "checkpoint.pt")]) == 0
     assert os.path.exists(os.path.join(run_dir, "ReFusion_epoch2.pth"))
+    with open(os.path.join(run_dir, "log.csv")) as log:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(log)]
+    assert state["sums"]["seconds"] > 0 and seconds[0] >= state["sums"]["seconds"]  # both stretches
     assert train_script.main(args + ["--max_time", "soon"]) == 1
     assert "--max_time: cannot read duration 'soon'" in capsys.readouterr().err
 

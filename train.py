@@ -177,6 +177,7 @@ class Trainer:
         self.stop_reason = None  # "SIGINT", "SIGTERM" or "max_time": stop at the next step boundary
         self.stretch_started = time.time()  # start of this stretch of the current epoch
         self.deadline = self.next_checkpoint = None
+        self.checkpoint_interval = 0  # seconds; set with the deadline by start_clock()
 
     def start_clock(self):
         """``--max_time`` and ``--checkpoint_every`` count from here."""

@@ -68,17 +68,17 @@ def score_missing(run, task, datasets, released, device):
         print(f"{label}: " + " ".join(f"{m} {means[m]:.4f}" for m in SHOWN), flush=True)
 
 
-def curve_svg(rows, title, epochs=1):
-    """Four small line plots (CURVES) of the epoch rows over the run's ``epochs``, with the
-    reference rows as dashed levels."""
-    epochs_planned, epochs = epochs, sorted((r for r in rows if r["epoch"]), key=lambda r: int(r["epoch"]))
+def curve_svg(rows, title, planned=1):
+    """Four small line plots (CURVES) of the epoch rows over the run's ``planned`` epochs, with
+    the reference rows as dashed levels."""
+    epochs = sorted((r for r in rows if r["epoch"]), key=lambda r: int(r["epoch"]))
     levels = {r["weights"]: r for r in rows if not r["epoch"]}
     colours = {"released": "#c0392b", "shipped": "#7f8c8d"}
     width, height, pad = 330, 210, 42
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{2 * height + 30}" '
              f'font-family="sans-serif" font-size="11">',
              f'<rect width="100%" height="100%" fill="white"/><text x="8" y="18" font-size="13">{title}</text>']
-    last = max([int(r["epoch"]) for r in epochs] + [epochs_planned, 2])
+    last = max([int(r["epoch"]) for r in epochs] + [planned, 2])
     for i, metric in enumerate(CURVES):
         x0, y0 = (i % 2) * width, 30 + (i // 2) * height
         values = [float(r[metric]) for r in epochs] + [float(r[metric]) for r in levels.values()]

@@ -3,6 +3,7 @@
     python train.py                                           # the config block below
     python train.py --data data/IVIF_train.h5 --task IVIF --preset cpu
     python train.py --resume exp/20261124_181500/checkpoint.pt
+    torchrun --nproc_per_node 4 train.py ...                  # data-parallel over 4 GPUs (or CPU processes)
 
 Every key of the config block is a flag (``--key value``). Each run writes
 ``<exp_dir>/<YYYYmmdd_HHMMSS>/``: config.json, log.csv, ReFusion.pth / LPN.pth / ReN.pth
@@ -10,6 +11,10 @@ Every key of the config block is a flag (``--key value``). Each run writes
 Ctrl-C or SIGTERM finishes the current step, saves checkpoint.pt and exits; so does ``--max_time``
 (exit code 0). ``--checkpoint_every`` (default 15 min) also saves it between steps, so that a run
 killed without warning loses at most that much.
+
+Under torchrun every process trains a share of each step (``--batch_size`` stays the global batch;
+stage 1 spreads the meta pairs of each of P's accumulation groups over the ranks) and rank 0
+alone writes the run folder. The result equals one process's up to float rounding.
 """
 import argparse
 import json
@@ -49,6 +54,7 @@ resume = ""                   # path to a checkpoint.pt to continue
 preset = ""                   # "cpu": a short schedule for CPUs (PRESETS below)
 max_time = ""                 # stop cleanly after this much wall time ("150m", "2h30m", seconds; "": never)
 checkpoint_every = "15m"      # also write checkpoint.pt between steps this often ("0": epoch ends only)
+dist_timeout = "10m"          # torchrun: a process waiting this long for the others stops with an error
 # -----------------------------------------------------------------------------
 
 # the config keys: every plain value defined above (modules and dunders are not)
@@ -101,7 +107,7 @@ LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "m
          "c_grad": 0, "recon_c_int": 0, "recon_c_grad": 0, "recon_blocks": 0}
 
 
-def check_config(config):
+def check_config(config, world_size=1):
     """One ``TrainError`` line for a value the schedule cannot run with (before a run folder exists)."""
     for key, least in LEAST.items():
         if not config[key] >= least:
@@ -110,11 +116,16 @@ def check_config(config):
         if not config[key] > 0:
             raise TrainError(f"--{key} must be positive, got {config[key]}")
     from utils.runtime import parse_duration
-    for key in ("max_time", "checkpoint_every"):
+    for key in ("max_time", "checkpoint_every", "dist_timeout"):
         try:
             parse_duration(config[key])
         except UserError as error:
             raise TrainError(f"--{key}: {error}") from None
+    if not parse_duration(config["dist_timeout"]) > 0:
+        raise TrainError("--dist_timeout must be a positive duration")
+    if config["batch_size"] % world_size:
+        raise TrainError(f"--batch_size {config['batch_size']} (the global batch) cannot be split evenly "
+                         f"over {world_size} processes: use a multiple of {world_size}")
     if config["recon_dim"] < 8 or config["recon_dim"] % 8:
         raise TrainError(f"--recon_dim must be a positive multiple of 8 (R has 8 attention heads), "
                          f"got {config['recon_dim']}")
@@ -139,21 +150,33 @@ def loss_weights_at(config, epoch):
                        c["recon_c_grad"], c["symmetric_lpn"], c["lpn_fusion_loss"])
 
 
+# how a stop was asked for, in rising priority: the ranks of a run stop for the highest any saw
+STOP_REASONS = (None, "max_time", "SIGTERM", "SIGINT")
+
+
+def rank_seed(seed, rank):
+    """The seed of rank ``rank``'s own generator (torch's global one) in a run of several processes."""
+    return seed * 1_000_003 + 7_919 * (rank + 1)
+
+
 class Trainer:
     """Networks, optimisers, data and the position in the schedule; saves and restores all of it
     in ``run_dir`` (``train()`` sets it once the data has loaded, so bad data leaves no empty run
-    folder)."""
+    folder). ``world`` (``utils.distributed.World``; default: one process) says which share of
+    each step this process computes."""
 
-    def __init__(self, config, run_dir=None):
+    def __init__(self, config, run_dir=None, world=None):
         import torch
 
         from ReFusion import LPN, ReFusion, ReN
         from utils.data import load_pairs
+        from utils.distributed import World
         from utils.meta import LPNUpdate
         from utils.runtime import resolve_device
 
         self.config, self.run_dir = config, run_dir
-        self.device = resolve_device(config["device"])
+        self.world = world or World(device=resolve_device(config["device"]))
+        self.device = self.world.device
         if config["threads"] > 0:
             torch.set_num_threads(config["threads"])
         self.pairs = load_pairs(config["data"])
@@ -168,6 +191,10 @@ class Trainer:
         self.fusion = ReFusion().to(self.device)
         self.recon = ReN(dim=config["recon_dim"], num_blocks=config["recon_blocks"]).to(self.device)
         self.lpn = LPN().to(self.device)
+        if self.world.size > 1:
+            torch.manual_seed(rank_seed(config["seed"], self.world.rank))
+        # what stage 2 calls: in a world of several, wrappers that average F's and R's gradients
+        self.train_fusion, self.train_recon = self.world.wrap(self.fusion), self.world.wrap(self.recon)
         self.opt_fusion = torch.optim.Adam(self.fusion.parameters(), lr=config["lr"])
         self.opt_recon = torch.optim.Adam(self.recon.parameters(), lr=config["lr"])
         self.crop_rng = torch.Generator().manual_seed(config["seed"])
@@ -189,13 +216,17 @@ class Trainer:
         self.next_checkpoint = now + self.checkpoint_interval
 
     def at_step_boundary(self):
-        """True when the run should stop here; writes the periodic checkpoint when it is due."""
+        """True when the run should stop here; writes the periodic checkpoint when it is due.
+        All ranks decide together, so that they stop at the same step."""
         now = time.monotonic()
         if self.stop_reason is None and self.deadline is not None and now >= self.deadline:
             self.stop_reason = "max_time"
+        due = bool(self.checkpoint_interval) and now >= self.next_checkpoint
+        reason, due = self.world.max_of([STOP_REASONS.index(self.stop_reason), int(due)])
+        self.stop_reason = STOP_REASONS[reason]
         if self.stop_reason:
             return True
-        if self.checkpoint_interval and now >= self.next_checkpoint:
+        if due:
             self.save_checkpoint()
             self.next_checkpoint = now + self.checkpoint_interval
         return False
@@ -205,19 +236,23 @@ class Trainer:
         """Wall time spent in the current epoch, over every stretch of it (resumes included)."""
         return self.sums.get("seconds", 0.0) + time.time() - self.stretch_started
 
-    def state(self):
-        import torch
+    def state(self, rank_rngs):
         sums = dict(self.sums, seconds=self.epoch_seconds())
         return {"config": self.config, "epoch": self.epoch, "stage": self.stage, "step": self.step,
                 "fusion": self.fusion.state_dict(), "recon": self.recon.state_dict(),
                 "lpn": self.lpn.state_dict(), "opt_fusion": self.opt_fusion.state_dict(),
                 "opt_recon": self.opt_recon.state_dict(), "lpn_grads": self.lpn_update.pending,
-                "sums": sums, "crop_rng": self.crop_rng.get_state(),
-                "torch_rng": torch.get_rng_state()}
+                "sums": sums, "crop_rng": self.crop_rng.get_state(), "torch_rng": rank_rngs[0],
+                **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {})}
 
     def save_checkpoint(self):
+        """Rank 0 writes checkpoint.pt (all ranks must call this: it gathers their generators)."""
+        import torch
+
         from utils.checkpoint import save_atomic
-        save_atomic(self.state(), os.path.join(self.run_dir, "checkpoint.pt"))
+        rank_rngs = self.world.gather(torch.get_rng_state())
+        if self.world.main:
+            save_atomic(self.state(rank_rngs), os.path.join(self.run_dir, "checkpoint.pt"))
 
     def restore(self, state):
         import torch
@@ -227,10 +262,16 @@ class Trainer:
         self.lpn_update.pending = state["lpn_grads"]
         self.sums = state["sums"]
         self.crop_rng.set_state(state["crop_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        rank_rngs = state.get("rank_rngs", [state["torch_rng"]])
+        if len(rank_rngs) == self.world.size:
+            torch.set_rng_state(rank_rngs[self.world.rank])
+        else:  # resumed by another number of processes: each rank's generator starts afresh
+            torch.manual_seed(rank_seed(self.config["seed"], self.world.rank) + self.epoch)
 
     def save_weights(self):
         from utils.checkpoint import save_atomic
+        if not self.world.main:
+            return
         for name, net in (("ReFusion", self.fusion), ("LPN", self.lpn), ("ReN", self.recon)):
             weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             save_atomic(weights, os.path.join(self.run_dir, f"{name}_epoch{self.epoch + 1}.pth"))
@@ -241,6 +282,8 @@ class Trainer:
         import torch
 
         from utils.image import write_png
+        if not self.world.main:
+            return
         sources = self.pairs[:count].to(self.device, torch.float32) / 255
         with torch.no_grad():
             fused = self.fusion.eval()(sources)
@@ -254,14 +297,43 @@ class Trainer:
         return loss_weights_at(self.config, self.epoch)
 
     def batch(self, indices):
+        """The global batch ``indices`` (every rank draws the same crop window)."""
         from utils.data import make_batch
         return make_batch(self.pairs, indices, self.config["crop"], self.crop_rng, self.device)
+
+    def share(self, batch):
+        """This rank's equal slice of a global batch."""
+        size = len(batch) // self.world.size
+        return batch[self.world.rank * size:(self.world.rank + 1) * size]
+
+    def meta_round(self, batches, meta_steps, rate, lpn_rate, weights):
+        """Stage-1 pairs ``step, step+1, ...``: one per rank, all in the same accumulation group of
+        P, so that they all see the same P. Their meta-gradients are summed over the ranks and
+        added to P's update exactly as one process would add them one by one."""
+        import torch
+
+        from utils.meta import lpn_meta_gradient
+        first, group = self.step, self.config["accumulation_steps"]
+        end = min(first + self.world.size, (first // group + 1) * group, meta_steps)
+        # every rank makes every pair's batches so that the crop generators of all ranks stay equal
+        pairs = [(self.batch(batches[k]), self.batch(batches[k + 1])) for k in range(first, end)]
+        mine = first + self.world.rank
+        if mine < end:
+            loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn, *pairs[mine - first],
+                                            rate, weights)
+        else:  # more ranks than pairs left in the group
+            loss, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self.lpn.parameters()]
+        *grads, loss = self.world.sum([*grads, loss])
+        self.lpn_update.add(grads, end - 1, meta_steps, lpn_rate)
+        self.sums["meta"] += loss.item()
+        self.sums["meta_n"] += end - first
+        self.step = end
 
     def run(self):
         from tqdm import tqdm
 
         from utils.data import epoch_batches, fusion_steps_per_epoch
-        from utils.meta import fusion_step, lpn_meta_gradient
+        from utils.meta import fusion_step
 
         c = self.config
         while self.epoch < c["epochs"]:
@@ -273,28 +345,28 @@ class Trainer:
             weights = self.loss_weights()
             meta_steps = min(c["max_meta_step"], len(batches) - 1)
             fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
+            quiet = not self.world.main
             if self.stage == "meta":
-                bar = tqdm(range(self.step, meta_steps), desc=f"epoch {self.epoch + 1} loss learning",
-                           unit="pair", initial=self.step, total=meta_steps)
-                for k in bar:
+                bar = tqdm(desc=f"epoch {self.epoch + 1} loss learning", unit="pair",
+                           initial=self.step, total=meta_steps, disable=quiet)
+                while self.step < meta_steps:
                     if self.at_step_boundary():
                         return False
-                    loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
-                                                    self.batch(batches[k]), self.batch(batches[k + 1]),
-                                                    rate, weights)
-                    self.lpn_update.add(grads, k, meta_steps, lpn_rate)
-                    self.sums["meta"] += loss.item()
-                    self.sums["meta_n"] += 1
-                    self.step = k + 1
+                    done = self.step
+                    self.meta_round(batches, meta_steps, rate, lpn_rate, weights)
+                    bar.update(self.step - done)
                     bar.set_postfix(outer=f"{self.sums['meta'] / self.sums['meta_n']:.4f}")
+                bar.close()
                 self.stage, self.step = "fusion", 0
             bar = tqdm(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
-                       unit="batch", initial=self.step, total=fusion_steps)
+                       unit="batch", initial=self.step, total=fusion_steps, disable=quiet)
             for k in bar:
                 if self.at_step_boundary():
                     return False
-                loss_f, loss_r = fusion_step(self.fusion, self.recon, self.lpn, self.batch(batches[k]),
-                                             weights, self.opt_fusion, self.opt_recon)
+                loss_f, loss_r = fusion_step(self.train_fusion, self.train_recon, self.lpn,
+                                             self.share(self.batch(batches[k])), weights,
+                                             self.opt_fusion, self.opt_recon)
+                loss_f, loss_r = self.world.mean_of([loss_f, loss_r])
                 self.sums["fusion"] += loss_f
                 self.sums["recon"] += loss_r
                 self.sums["fusion_n"] += 1
@@ -309,11 +381,12 @@ class Trainer:
         row = [self.epoch + 1, s["meta"] / max(s["meta_n"], 1), s["fusion"] / max(s["fusion_n"], 1),
                s["recon"] / max(s["fusion_n"], 1), rate, round(seconds, 1)]
         log = os.path.join(self.run_dir, "log.csv")
-        new = not os.path.exists(log)
-        with open(log, "a") as stream:
-            if new:
-                stream.write("epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds\n")
-            stream.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+        if self.world.main:
+            new = not os.path.exists(log)
+            with open(log, "a") as stream:
+                if new:
+                    stream.write("epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds\n")
+                stream.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
         self.save_weights()
         self.save_samples()
         self.epoch, self.stage, self.step = self.epoch + 1, "meta", 0
@@ -334,8 +407,10 @@ def new_run_dir(exp_dir):
 
 
 def train(argv):
-    """Run training; returns (run_dir, finished)."""
+    """Run training; returns (run_dir, finished, stop_reason)."""
     from utils.checkpoint import read_checkpoint
+    from utils.distributed import LostRanksError, join, launched_world_size, lost_contact
+    from utils.runtime import parse_duration, resolve_device
 
     config = parse_config(argv)
     state = None
@@ -344,43 +419,65 @@ def train(argv):
         if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
         # how to run, not what to train: taken from this command line, not the checkpoint
-        overrides = {k: config[k] for k in ("device", "threads", "max_time", "checkpoint_every")}
+        overrides = {k: config[k] for k in ("device", "threads", "max_time", "checkpoint_every",
+                                            "dist_timeout")}
         # keys added since the checkpoint was written take their defaults
         config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
-    check_config(config)
+    check_config(config, launched_world_size())
     resume_dir = os.path.dirname(os.path.abspath(config["resume"])) if state is not None else None
-    trainer = Trainer(config)
-    run_dir = trainer.run_dir = resume_dir or new_run_dir(config["exp_dir"])
+    try:
+        world = join(resolve_device(config["device"]), parse_duration(config["dist_timeout"]))
+        result = train_in(world, config, state, resume_dir)
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise LostRanksError(f"lost contact with the other training processes ({reason}); "
+                             f"the run folder's checkpoint.pt is intact") from None
+    world.leave()
+    return result
+
+
+def train_in(world, config, state, resume_dir):
+    trainer = Trainer(config, world=world)
+    say = print if world.main else lambda *args, **kwargs: None
+    run_dir = trainer.run_dir = world.from_main(
+        resume_dir or (new_run_dir(config["exp_dir"]) if world.main else None))
     if state is not None:
         trainer.restore(state)
-        print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, {trainer.stage} step {trainer.step}")
+        say(f"resuming {run_dir} at epoch {trainer.epoch + 1}, {trainer.stage} step {trainer.step}")
     else:
-        with open(os.path.join(run_dir, "config.json"), "w") as stream:
-            json.dump(config, stream, indent=2)
-        print(f"run folder: {run_dir}")
+        if world.main:
+            with open(os.path.join(run_dir, "config.json"), "w") as stream:
+                json.dump(config, stream, indent=2)
+        say(f"run folder: {run_dir}" + (f" ({world.size} processes)" if world.size > 1 else ""))
 
     def request_stop(signum, _frame):
+        if trainer.stop_reason in ("SIGINT", "SIGTERM"):
+            return  # under a launcher, which forwards the terminal's signal: its SIGKILL aborts
         trainer.stop_reason = signal.Signals(signum).name
-        # a second signal stops at once: Ctrl-C raises KeyboardInterrupt, SIGTERM terminates
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{trainer.stop_reason}: stopping after this step (again to abort without saving)",
-              file=sys.stderr)
+        if world.size == 1:  # a second signal stops at once: Ctrl-C raises KeyboardInterrupt, SIGTERM terminates
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        say(f"\n{trainer.stop_reason}: stopping after this step"
+            + (" (again to abort without saving)" if world.size == 1 else ""), file=sys.stderr)
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.start_clock()
         finished = trainer.run()
+        if not finished:
+            trainer.save_checkpoint()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
     if not finished:
-        trainer.save_checkpoint()
         why = f"--max_time {config['max_time']} reached; " if trainer.stop_reason == "max_time" else ""
-        print(f"{why}saved {os.path.join(run_dir, 'checkpoint.pt')}; continue with "
-              f"python train.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
+        say(f"{why}saved {checkpoint}; continue with python train.py --resume {checkpoint}",
+            file=sys.stderr)
     else:
-        print(f"done: {os.path.join(run_dir, 'ReFusion.pth')}")
+        say(f"done: {os.path.join(run_dir, 'ReFusion.pth')}")
     return run_dir, finished, trainer.stop_reason
 
 
@@ -389,10 +486,13 @@ STOP_EXIT = {"max_time": 0, "SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + sign
 
 
 def main(argv=None):
+    from utils.distributed import launched_rank, launched_world_size
+
     def action():
         _, finished, reason = train(sys.argv[1:] if argv is None else argv)
         return 0 if finished else STOP_EXIT[reason]
-    return run_script(action, "aborted; the last checkpoint.pt (end of the previous epoch) is intact")
+    return run_script(action, "aborted; the last checkpoint.pt is intact",
+                      rank=launched_rank() if launched_world_size() > 1 else None)
 
 
 if __name__ == "__main__":

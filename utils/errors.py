@@ -6,21 +6,30 @@ class UserError(ValueError):
     """Bad input from the user (file, folder, checkpoint, option): reported as one line."""
 
 
-def run_script(action, interrupted_message="interrupted"):
+def run_script(action, interrupted_message="interrupted", rank=None):
     """Run ``action()``; a ``UserError``, a failed file operation or running out of memory prints
     one ``error:`` line and gives exit code 1, Ctrl-C gives 130. Otherwise the exit code is
-    ``action()``'s (None: 0)."""
+    ``action()``'s (None: 0).
+
+    ``rank``: this process's rank among several training processes. Bad input is the same for all
+    of them, so only rank 0 reports a ``UserError`` (unless it is ``every_rank``); other failures
+    are reported by each rank that meets them, naming it.
+    """
+    where = "" if rank is None else f"(rank {rank}) "
+
+    def report(message, shared=False):
+        if not (shared and rank):
+            print(f"error: {'' if shared else where}{message}", file=sys.stderr)
+        return 1
+
     try:
         return action() or 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report(error, shared=not getattr(error, "every_rank", False))
     except OSError as error:  # unwritable folder, disk full, a file where a folder should be
-        print(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
+        return report(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
     except MemoryError:
-        print("error: out of memory; use smaller images or batches, or --device cuda", file=sys.stderr)
-        return 1
+        return report("out of memory; use smaller images or batches, or --device cuda")
     except KeyboardInterrupt:
         print(interrupted_message, file=sys.stderr)
         return 130

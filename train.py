@@ -330,6 +330,8 @@ class Trainer:
         self.step = end
 
     def run(self):
+        from functools import partial
+
         from tqdm import tqdm
 
         from utils.data import epoch_batches, fusion_steps_per_epoch
@@ -345,21 +347,23 @@ class Trainer:
             weights = self.loss_weights()
             meta_steps = min(c["max_meta_step"], len(batches) - 1)
             fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
-            quiet = not self.world.main
+            # rank 0 reports; into a log file (no terminal) a line a minute, not one per step
+            bar_of = partial(tqdm, disable=not self.world.main,
+                             mininterval=0.1 if sys.stderr.isatty() else 60)
             if self.stage == "meta":
-                bar = tqdm(desc=f"epoch {self.epoch + 1} loss learning", unit="pair",
-                           initial=self.step, total=meta_steps, disable=quiet)
+                bar = bar_of(desc=f"epoch {self.epoch + 1} loss learning", unit="pair",
+                             initial=self.step, total=meta_steps)
                 while self.step < meta_steps:
                     if self.at_step_boundary():
                         return False
                     done = self.step
                     self.meta_round(batches, meta_steps, rate, lpn_rate, weights)
+                    bar.set_postfix(outer=f"{self.sums['meta'] / self.sums['meta_n']:.4f}", refresh=False)
                     bar.update(self.step - done)
-                    bar.set_postfix(outer=f"{self.sums['meta'] / self.sums['meta_n']:.4f}")
                 bar.close()
                 self.stage, self.step = "fusion", 0
-            bar = tqdm(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
-                       unit="batch", initial=self.step, total=fusion_steps, disable=quiet)
+            bar = bar_of(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
+                         unit="batch", initial=self.step, total=fusion_steps)
             for k in bar:
                 if self.at_step_boundary():
                     return False
@@ -372,7 +376,7 @@ class Trainer:
                 self.sums["fusion_n"] += 1
                 self.step = k + 1
                 bar.set_postfix(fusion=f"{self.sums['fusion'] / self.sums['fusion_n']:.4f}",
-                                recon=f"{self.sums['recon'] / self.sums['fusion_n']:.4f}")
+                                recon=f"{self.sums['recon'] / self.sums['fusion_n']:.4f}", refresh=False)
             self.finish_epoch(rate, self.epoch_seconds())
         return True
 

@@ -329,13 +329,25 @@ class Trainer:
         self.sums["meta_n"] += end - first
         self.step = end
 
+    def fusion_round(self, batches, weights):
+        """Stage-2 step ``step``: each rank steps on its share of the batch; the wrappers average
+        F's and R's gradients over the ranks, so every rank takes the same optimiser step."""
+        from utils.meta import fusion_step
+        loss_f, loss_r = fusion_step(self.train_fusion, self.train_recon, self.lpn,
+                                     self.share(self.batch(batches[self.step])), weights,
+                                     self.opt_fusion, self.opt_recon)
+        loss_f, loss_r = self.world.mean_of([loss_f, loss_r])
+        self.sums["fusion"] += loss_f
+        self.sums["recon"] += loss_r
+        self.sums["fusion_n"] += 1
+        self.step += 1
+
     def run(self):
         from functools import partial
 
         from tqdm import tqdm
 
         from utils.data import epoch_batches, fusion_steps_per_epoch
-        from utils.meta import fusion_step
 
         c = self.config
         while self.epoch < c["epochs"]:
@@ -364,17 +376,10 @@ class Trainer:
                 self.stage, self.step = "fusion", 0
             bar = bar_of(range(self.step, fusion_steps), desc=f"epoch {self.epoch + 1} fusion learning",
                          unit="batch", initial=self.step, total=fusion_steps)
-            for k in bar:
+            for _ in bar:
                 if self.at_step_boundary():
                     return False
-                loss_f, loss_r = fusion_step(self.train_fusion, self.train_recon, self.lpn,
-                                             self.share(self.batch(batches[k])), weights,
-                                             self.opt_fusion, self.opt_recon)
-                loss_f, loss_r = self.world.mean_of([loss_f, loss_r])
-                self.sums["fusion"] += loss_f
-                self.sums["recon"] += loss_r
-                self.sums["fusion_n"] += 1
-                self.step = k + 1
+                self.fusion_round(batches, weights)
                 bar.set_postfix(fusion=f"{self.sums['fusion'] / self.sums['fusion_n']:.4f}",
                                 recon=f"{self.sums['recon'] / self.sums['fusion_n']:.4f}", refresh=False)
             self.finish_epoch(rate, self.epoch_seconds())

@@ -12,6 +12,14 @@ NCHW network of bench/release_style.py (same function, written the release's way
 interleaved rounds: each round times ours, the plain network in this process (our allocator
 settings) and the plain network in a child process with glibc's defaults (as the release runs),
 one after the other; the ratios are taken per round and their median is reported.
+
+    python -m bench.bench_train --ranks 2             # CPU: 2 processes x 1 thread vs 1 x 2 threads
+    python -m bench.bench_train --ranks 1,2,4,8 --device cuda --pairs 8   # 1..8 GPUs
+
+``--ranks`` times train.py's own rounds (stage-1 meta pairs per second, stage-2 steps of the
+global batch ``--pairs`` per second) in one process and under torchrun with each number of
+processes, --rounds times interleaved, on synthetic data; P's accumulation group is the largest
+count, so that stage 1 can use every process. On the CPU the --threads are shared out.
 """
 import argparse
 import json
@@ -36,8 +44,18 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds against the plain network (0: none)")
+    parser.add_argument("--ranks", default="",
+                        help="compare training over these numbers of processes (torchrun), e.g. 2 or 1,2,4")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="--ranks: accumulation groups of stage 1 and steps of stage 2 timed")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--group", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank_worker:
+        return time_training_rounds(args)
+    if args.ranks:
+        return compare_ranks(args)
 
     import torch
 
@@ -143,6 +161,100 @@ def main():
               f"(rounds {min(values):.1f}-{max(values):.1f}x)")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"peak RSS {peak_gb:.2f} GB (this process)")
+
+
+def compare_ranks(args):
+    """Training throughput in one process and under torchrun, side by side (see the docstring)."""
+    import tempfile
+
+    import h5py
+    import numpy as np
+
+    counts = sorted({1, *(int(n) for n in args.ranks.split(","))})
+    group = max(2, *counts)
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        data = os.path.join(folder, "pairs.h5")
+        pairs = max(64, args.pairs * (args.steps + 2), group * (args.steps + 1) + 2)
+        rng = np.random.default_rng(0)
+        with h5py.File(data, "w") as store:
+            for name in ("img1", "img2"):
+                store[name] = rng.integers(0, 256, (pairs, 1, args.size, args.size), dtype=np.uint8)
+        for round_index in range(1, args.rounds + 1):
+            for count in counts:
+                if args.pairs % count:
+                    raise SystemExit(f"error: --pairs {args.pairs} (the global batch) does not split "
+                                     f"over {count} processes")
+                threads = max(1, args.threads // count) if args.device == "cpu" else args.threads
+                worker = ["-m", "bench.bench_train", "--rank-worker", data, "--size", str(args.size),
+                          "--pairs", str(args.pairs), "--threads", str(threads), "--device", args.device,
+                          "--steps", str(args.steps), "--group", str(group)]
+                launcher = [] if count == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(count)]
+                done = subprocess.run([sys.executable, *launcher, *worker], cwd=ROOT, text=True,
+                                      capture_output=True)
+                if done.returncode:
+                    raise SystemExit(f"error: {count} process(es) failed:\n{done.stderr[-2000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.setdefault((count, threads), []).append(result)
+                print(f"round {round_index}: {count} x {threads} threads: "
+                      f"{result['meta']:.3f} meta pairs/s, {result['fusion']:.3f} stage-2 steps/s")
+    print(f"device={args.device} size={args.size} global batch {args.pairs} pairs, "
+          f"P's group {group} pairs; medians of {args.rounds} rounds")
+    print(f"{'processes x threads':>20} {'meta pairs/s':>13} {'x':>6} {'stage-2 steps/s':>16} {'x':>6}")
+    base = {}
+    for (count, threads), results in sorted(rows.items()):
+        medians = {k: statistics.median(r[k] for r in results) for k in ("meta", "fusion")}
+        base = base or medians
+        print(f"{f'{count} x {threads}':>20} {medians['meta']:13.3f} {medians['meta'] / base['meta']:6.2f} "
+              f"{medians['fusion']:16.3f} {medians['fusion'] / base['fusion']:6.2f}")
+
+
+def time_training_rounds(args):
+    """Worker of ``compare_ranks`` (alone or under torchrun): times Trainer's own stage-1 rounds
+    and stage-2 steps after one of each as warm-up; rank 0 prints one JSON line."""
+    import torch
+
+    import train
+    from utils.data import epoch_batches
+    from utils.distributed import join
+    from utils.runtime import resolve_device
+
+    config = train.parse_config(["--data", args.rank_worker, "--batch_size", str(args.pairs),
+                                 "--accumulation_steps", str(args.group), "--device", args.device,
+                                 "--threads", str(args.threads)])
+    world = join(resolve_device(args.device), 600)
+    trainer = train.Trainer(config, world=world)
+    batches = epoch_batches(len(trainer.pairs), args.pairs, 0, 0)
+    weights, rate = trainer.loss_weights(), config["lr"]
+
+    def seconds(fn, until):
+        world.max_of([0])  # start together
+        start = time.perf_counter()
+        while trainer.step < until:
+            fn()
+        if world.device.type == "cuda":
+            torch.cuda.synchronize()
+        world.max_of([0])
+        return time.perf_counter() - start
+
+    meta_pairs = len(batches) - 1
+
+    def meta():
+        trainer.meta_round(batches, meta_pairs, rate, rate, weights)
+
+    def fusion():
+        trainer.fusion_round(batches, weights)
+
+    trainer.step = 0
+    seconds(meta, args.group)
+    meta_rate = args.group * args.steps / seconds(meta, args.group * (args.steps + 1))
+    trainer.step = 0
+    seconds(fusion, 1)
+    fusion_rate = args.steps / seconds(fusion, args.steps + 1)
+    if world.main:
+        print(json.dumps({"meta": meta_rate, "fusion": fusion_rate}))
+    world.leave()
 
 
 def serve_plain_timings(measure):

@@ -66,9 +66,13 @@ def test_a_margin_below_the_receptive_radius_shows_at_the_seams():
 def test_memory_budget_picks_whole_image_or_tiles(monkeypatch):
     per_pixel, gigabytes, share = utils.tiled.BYTES_PER_PIXEL, 2 ** 30, utils.tiled.PLANNED_SHARE
     assert plan(100, 100, None) == (None, False) and plan(100, 100, gigabytes) == (None, False)
-    tile, keep = plan(2048, 2048, 2 * gigabytes)  # the kept block outputs fit in half the budget
-    kept = 2074 * 2074 * utils.tiled.KEPT_BYTES_PER_PIXEL * 1.3
-    assert keep and 16 <= tile < 2048 and (tile + 2 * HALO) ** 2 * per_pixel + kept <= 2 * gigabytes * share
+    tile, keep = plan(2048, 2048, 2 * gigabytes)  # the kept block outputs fit beside a tile
+    kept = utils.tiled.margined_pixels(2048, 2048, tile) * utils.tiled.KEPT_BYTES_PER_PIXEL
+    assert keep and 128 <= tile < 2048 and (tile + 2 * HALO) ** 2 * per_pixel + kept <= 2 * gigabytes * share
+    larger_kept = utils.tiled.margined_pixels(2048, 2048, tile + 8) * utils.tiled.KEPT_BYTES_PER_PIXEL
+    assert (tile + 8 + 2 * HALO) ** 2 * per_pixel + larger_kept > 2 * gigabytes * share  # the largest
+    # margined_pixels counts each tile's margin, clipped at the image's edges
+    assert utils.tiled.margined_pixels(100, 30, 50) == (50 + HALO + HALO + 50) * 30
     tile, keep = plan(8192, 8192, 2 * gigabytes)  # they do not: every sweep starts from the input
     assert not keep and 16 <= tile and (tile + 2 * HALO) ** 2 * per_pixel <= 2 * gigabytes * share
     calls = []

@@ -33,9 +33,11 @@ HALO = 13
 BYTES_PER_PIXEL = 2400
 # What keeping the widest block output (2 x 16 encoder channels, or 32) costs per pixel.
 KEPT_BYTES_PER_PIXEL = 32 * 4
-# The share of a budget that plan() fills: the heap's fragmentation, the tiles' margins and the
-# sums come on top (at 2048x2048 a plan for 2 GB at its full budget peaked 2.77 GB above the start).
-PLANNED_SHARE = 0.7
+# The share of a budget that plan() fills: the heap's fragmentation and the sums come on top (at
+# 4096x4096 a plan for 2 GB at 0.7 of it peaked 2.54 GB, images and the process included).
+PLANNED_SHARE = 0.6
+# Below this side, keeping block outputs costs more in margins than it saves in recomputation.
+LEAST_KEPT_TILE = 128
 
 
 class _StopSweep(Exception):
@@ -206,18 +208,28 @@ def available_memory(device):
     return None
 
 
+def margined_pixels(height, width, tile):
+    """Pixels of all tiles with their margins (what kept block outputs cover)."""
+    def extent(length):
+        return sum(min(start + tile + HALO, length) - max(start - HALO, 0) for start in range(0, length, tile))
+    return extent(height) * extent(width)
+
+
 def plan(height, width, budget):
     """``(tile, keep)`` for a ``height x width`` image and ``budget`` bytes: tile None when a
     whole-image forward fits (or no budget is known); else the side of the largest tile whose
-    forward (margin included) fits beside the kept block outputs, if those take at most half the
-    budget (keep True), or in the whole budget (keep False); at least 16 pixels."""
+    forward (margin included) fits beside the kept block outputs of all tiles (keep True), when
+    such a tile is at least LEAST_KEPT_TILE; otherwise the largest whose forward fits alone (keep
+    False); at least 16 pixels."""
     if budget is None or height * width * BYTES_PER_PIXEL <= budget:
         return None, False
     budget *= PLANNED_SHARE
-    kept = (height + 2 * HALO) * (width + 2 * HALO) * KEPT_BYTES_PER_PIXEL * 1.3  # margins overlap
-    keep = kept <= budget / 2
-    side = int(((budget - kept if keep else budget) / BYTES_PER_PIXEL) ** 0.5) - 2 * HALO
-    return max(16, side), keep
+    alone = max(16, int((budget / BYTES_PER_PIXEL) ** 0.5) - 2 * HALO)
+    for side in range(alone, LEAST_KEPT_TILE - 1, -8):
+        kept = margined_pixels(height, width, side) * KEPT_BYTES_PER_PIXEL
+        if (side + 2 * HALO) ** 2 * BYTES_PER_PIXEL + kept <= budget:
+            return side, True
+    return alone, False
 
 
 def fuse(model, x, max_memory=None):

@@ -84,6 +84,28 @@ def test_memory_budget_picks_whole_image_or_tiles(monkeypatch):
     assert calls == [16]
 
 
+def test_available_memory_on_each_kind_of_device(monkeypatch):
+    """auto's budget: MemAvailable on Linux, half the physical memory where /proc/meminfo is
+    missing (macOS), Metal's recommendation less the driver's share on MPS."""
+    cpu = torch.device("cpu")
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as stream:
+            line = next(l for l in stream if l.startswith("MemAvailable:"))
+        assert abs(utils.tiled.available_memory(cpu) - int(line.split()[1]) * 1024) < 2 ** 30
+    real_open = open
+
+    def no_meminfo(path, *args, **kwargs):
+        if path == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_meminfo)
+    assert utils.tiled.available_memory(cpu) == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 * 2 ** 30)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 5 * 2 ** 30)
+    assert utils.tiled.available_memory(torch.device("mps")) == 7 * 2 ** 30
+
+
 @pytest.mark.parametrize("text, size", [("512MB", 512 * 2 ** 20), ("4GB", 4 * 2 ** 30), ("1.5g", int(1.5 * 2 ** 30)),
                                         ("800M", 800 * 2 ** 20), ("1000", 1000), ("auto", None)])
 def test_memory_sizes(text, size):

@@ -18,6 +18,7 @@ memory budget allows, so that a later sweep starts from it instead of from the i
 stretch of the output (``utils.image.stretch``) is applied to the whole image afterwards, as for
 a whole-image forward.
 """
+import os
 import weakref
 
 import torch
@@ -194,10 +195,13 @@ def parse_size(text):
 
 
 def available_memory(device):
-    """Bytes a forward may use now: free memory on a CUDA device; otherwise the system's
-    available memory (Linux's MemAvailable), or None where it cannot be read."""
+    """Bytes a forward may use now: free memory on a CUDA device; on MPS, what Metal recommends
+    for this process less what the driver holds; on the CPU, the system's available memory
+    (Linux's MemAvailable, elsewhere half the physical memory), or None where none can be read."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     try:
         with open("/proc/meminfo") as stream:
             for line in stream:
@@ -205,7 +209,10 @@ def available_memory(device):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:  # macOS and other Unix systems without /proc/meminfo
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
 
 
 def margined_pixels(height, width, tile):

@@ -74,10 +74,14 @@ class _Sweep:
         # run_block gives no block NaN inputs, so q and k are final here
         q_rows, k_rows = (t[:, :, self.rows, self.cols].reshape(batch, heads, channels // heads, -1)
                           for t in (q, k))
-        qk, qq, kk, _ = self.sums.get(index, (0, 0, 0, None))
-        self.sums[index] = (qk + (q_rows @ k_rows.transpose(-2, -1)).double(),
-                            qq + (q_rows * q_rows).sum(-1, dtype=torch.float64),
-                            kk + (k_rows * k_rows).sum(-1, dtype=torch.float64), temperature)
+        # float64 sums; MPS has no float64, so there the tile's float32 sums are added on the CPU
+        mps = q.device.type == "mps"
+        wide, where = (torch.float32, "cpu") if mps else (torch.float64, q.device)
+        tile_sums = (q_rows @ k_rows.transpose(-2, -1), (q_rows * q_rows).sum(-1, dtype=wide),
+                     (k_rows * k_rows).sum(-1, dtype=wide))
+        qk, qq, kk = self.sums.get(index, (0, 0, 0, None))[:3]
+        qk, qq, kk = (total + part.to(where, torch.float64) for total, part in zip((qk, qq, kk), tile_sums))
+        self.sums[index] = (qk, qq, kk, temperature)
         return unknown
 
     def before_use(self, attn):
@@ -129,7 +133,8 @@ class _Sweep:
         out = {}
         for index, (qk, qq, kk, temperature) in self.sums.items():
             norms = qq.sqrt().clamp_min(1e-12)[..., :, None] * kk.sqrt().clamp_min(1e-12)[..., None, :]
-            out[index] = torch.softmax((qk / norms).to(temperature.dtype) * temperature, dim=-1)
+            out[index] = torch.softmax((qk / norms).to(temperature.device, temperature.dtype) * temperature,
+                                       dim=-1)
         return out
 
 

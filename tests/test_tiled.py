@@ -92,15 +92,32 @@ def test_available_memory_on_each_kind_of_device(monkeypatch):
         with open("/proc/meminfo") as stream:
             line = next(l for l in stream if l.startswith("MemAvailable:"))
         assert abs(utils.tiled.available_memory(cpu) - int(line.split()[1]) * 1024) < 2 ** 30
-    real_open = open
+    import io
+    import resource
+    real_open, files = open, {"/proc/meminfo": None}
 
-    def no_meminfo(path, *args, **kwargs):
-        if path == "/proc/meminfo":
-            raise FileNotFoundError(path)
+    def fake_open(path, *args, **kwargs):
+        if path in files:
+            if files[path] is None:
+                raise FileNotFoundError(path)
+            return io.StringIO(files[path])
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", no_meminfo)
-    assert utils.tiled.available_memory(cpu) == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    monkeypatch.setattr("builtins.open", fake_open)
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        files[cgroup] = None
+    half = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    assert utils.tiled.available_memory(cpu) == half
+    # a container's cgroup limit (v2) bounds it: limit less usage
+    files.update({"/sys/fs/cgroup/memory.max": "2147483648\n", "/sys/fs/cgroup/memory.current": "536870912\n"})
+    assert utils.tiled.available_memory(cpu) == min(half, 3 * 2 ** 29)
+    files["/sys/fs/cgroup/memory.max"] = "max\n"  # no limit
+    assert utils.tiled.available_memory(cpu) == half
+    # so does ulimit -v: the limit less the address space in use
+    with real_open("/proc/self/status") as stream:
+        used = next(int(l.split()[1]) * 1024 for l in stream if l.startswith("VmSize:"))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (used + 2 ** 30, resource.RLIM_INFINITY))
+    assert abs(utils.tiled.available_memory(cpu) - 2 ** 30) < 2 ** 28
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 * 2 ** 30)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 5 * 2 ** 30)
     assert utils.tiled.available_memory(torch.device("mps")) == 7 * 2 ** 30

@@ -202,22 +202,56 @@ def parse_size(text):
 def available_memory(device):
     """Bytes a forward may use now: free memory on a CUDA device; on MPS, what Metal recommends
     for this process less what the driver holds; on the CPU, the system's available memory
-    (Linux's MemAvailable, elsewhere half the physical memory), or None where none can be read."""
+    (Linux's MemAvailable, elsewhere half the physical memory) within this process's own limits
+    (address space, cgroup), or None where none can be read."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "mps":
         return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    system = _read_meminfo("/proc/meminfo", "MemAvailable:")
+    if system is None:
+        try:  # macOS and other Unix systems without /proc/meminfo
+            system = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+            pass
+    known = [b for b in (system, *_process_limits()) if b is not None]
+    return max(0, min(known)) if known else None
+
+
+def _read_meminfo(path, key):
+    """The ``key: N kB`` line of a /proc file in bytes, or None."""
     try:
-        with open("/proc/meminfo") as stream:
+        with open(path) as stream:
             for line in stream:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:  # macOS and other Unix systems without /proc/meminfo
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return None
+    return None
+
+
+def _process_limits():
+    """Bytes left under this process's address-space limit (``ulimit -v``) and its cgroup's
+    memory limit (containers, SLURM), where they are set."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            used = _read_meminfo("/proc/self/status", "VmSize:")
+            yield soft - (used or 0)
+    except ImportError:  # Windows
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                limit_bytes, usage_bytes = int(a.read()), int(b.read())
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+        if limit_bytes < 1 << 60:  # cgroup v1 writes "no limit" as a huge number
+            yield limit_bytes - usage_bytes
+        return
 
 
 def margined_pixels(height, width, tile):

@@ -61,8 +61,9 @@ def torchrun(args, ranks=2):
 
 
 def start_torchrun(args):
-    return subprocess.Popen(torchrun_command(args), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """torchrun and its workers in a process group of their own, as a terminal would start them."""
+    return subprocess.Popen(torchrun_command(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
 
 
 def run_dir(exp_dir):
@@ -118,13 +119,18 @@ def long_reference(data, tmp_path_factory):
     return weights(directory)
 
 
-def test_sigterm_under_torchrun_then_resume_in_one_process(data, tmp_path, long_reference):
-    """torchrun passes SIGTERM to both ranks; they stop at the same step with one checkpoint,
-    which one process resumes to the uninterrupted result."""
+@pytest.mark.parametrize("how", ["sigterm_to_torchrun", "ctrl_c"])
+def test_a_stop_under_torchrun_then_resume_in_one_process(data, tmp_path, long_reference, how):
+    """SIGTERM to torchrun (which passes it on), or Ctrl-C (SIGINT to every process of the group,
+    then torchrun's own SIGINT to the ranks again): both ranks stop at the same step with one
+    checkpoint, which one process resumes to the uninterrupted result."""
     exp_dir = tmp_path / "run"
     process = start_torchrun(LONG + ["--data", data, "--exp_dir", str(exp_dir), "--checkpoint_every", "0.2s"])
     directory = wait_for_checkpoint(process, exp_dir)
-    process.send_signal(signal.SIGTERM)
+    if how == "ctrl_c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert "saved" in err and "continue with" in err, err
     state = torch.load(os.path.join(directory, "checkpoint.pt"), weights_only=True)

@@ -483,8 +483,9 @@ def train_in(world, config, state, resume_dir):
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     if not finished:
         why = f"--max_time {config['max_time']} reached; " if trainer.stop_reason == "max_time" else ""
-        say(f"{why}saved {checkpoint}; continue with python train.py --resume {checkpoint}",
-            file=sys.stderr)
+        launcher = "torchrun ... train.py" if world.size > 1 else "python train.py"
+        say(f"{why}saved {checkpoint}; continue with {launcher} --resume {checkpoint}"
+            + (" (any number of processes)" if world.size > 1 else ""), file=sys.stderr)
     else:
         say(f"done: {os.path.join(run_dir, 'ReFusion.pth')}")
     return run_dir, finished, trainer.stop_reason

@@ -116,12 +116,13 @@ def check_config(config, world_size=1):
         if not config[key] > 0:
             raise TrainError(f"--{key} must be positive, got {config[key]}")
     from utils.runtime import parse_duration
+    durations = {}
     for key in ("max_time", "checkpoint_every", "dist_timeout"):
         try:
-            parse_duration(config[key])
+            durations[key] = parse_duration(config[key])
         except UserError as error:
             raise TrainError(f"--{key}: {error}") from None
-    if not parse_duration(config["dist_timeout"]) > 0:
+    if not durations["dist_timeout"] > 0:
         raise TrainError("--dist_timeout must be a positive duration")
     if config["batch_size"] % world_size:
         raise TrainError(f"--batch_size {config['batch_size']} (the global batch) cannot be split evenly "
@@ -296,10 +297,15 @@ class Trainer:
     def loss_weights(self):
         return loss_weights_at(self.config, self.epoch)
 
-    def batch(self, indices):
-        """The global batch ``indices`` (every rank draws the same crop window)."""
+    def window(self):
+        """The next crop window; every rank draws every window, so the ranks' generators stay equal."""
+        from utils.data import crop_window
+        return crop_window(self.pairs.shape[-1], self.config["crop"], self.crop_rng)
+
+    def batch(self, indices, window):
+        """The global batch ``indices`` cut to ``window``."""
         from utils.data import make_batch
-        return make_batch(self.pairs, indices, self.config["crop"], self.crop_rng, self.device)
+        return make_batch(self.pairs, indices, window, self.device)
 
     def share(self, batch):
         """This rank's equal slice of a global batch."""
@@ -315,12 +321,13 @@ class Trainer:
         from utils.meta import lpn_meta_gradient
         first, group = self.step, self.config["accumulation_steps"]
         end = min(first + self.world.size, (first // group + 1) * group, meta_steps)
-        # every rank makes every pair's batches so that the crop generators of all ranks stay equal
-        pairs = [(self.batch(batches[k]), self.batch(batches[k + 1])) for k in range(first, end)]
+        windows = [(self.window(), self.window()) for _ in range(first, end)]
         mine = first + self.world.rank
         if mine < end:
-            loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn, *pairs[mine - first],
-                                            rate, weights)
+            inner, outer = windows[mine - first]
+            loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
+                                            self.batch(batches[mine], inner),
+                                            self.batch(batches[mine + 1], outer), rate, weights)
         else:  # more ranks than pairs left in the group
             loss, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self.lpn.parameters()]
         *grads, loss = self.world.sum([*grads, loss])
@@ -334,7 +341,7 @@ class Trainer:
         F's and R's gradients over the ranks, so every rank takes the same optimiser step."""
         from utils.meta import fusion_step
         loss_f, loss_r = fusion_step(self.train_fusion, self.train_recon, self.lpn,
-                                     self.share(self.batch(batches[self.step])), weights,
+                                     self.share(self.batch(batches[self.step], self.window())), weights,
                                      self.opt_fusion, self.opt_recon)
         loss_f, loss_r = self.world.mean_of([loss_f, loss_r])
         self.sums["fusion"] += loss_f

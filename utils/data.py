@@ -83,11 +83,15 @@ def fusion_steps_per_epoch(count, batch_size, cap):
     return full_pass if cap <= 0 else min(cap, full_pass)
 
 
-def make_batch(pairs, indices, crop, generator, device):
-    """Float batch ``(B,2,c,c)`` in [0,1]; one random ``crop`` window per batch (0: whole patch)."""
-    batch = pairs[indices]
-    size = batch.shape[-1]
+def crop_window(size, crop, generator):
+    """Row and column slices of one random ``crop`` window of a ``size`` patch (0: whole patch)."""
     if 0 < crop < size:
         top, left = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
-        batch = batch[..., top:top + crop, left:left + crop]
-    return batch.to(device=device, dtype=torch.float32) / 255
+        return slice(top, top + crop), slice(left, left + crop)
+    return slice(None), slice(None)
+
+
+def make_batch(pairs, indices, window, device):
+    """Float batch ``(B,2,h,w)`` in [0,1]: the patches ``indices`` cut to ``window``."""
+    rows, cols = window
+    return pairs[indices][..., rows, cols].to(device=device, dtype=torch.float32) / 255

@@ -73,3 +73,47 @@ def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
 
     missing = score_run(str(tmp_path / "nowhere"), "--plot_only")
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def test_order_report_measures_how_f_follows_input_position():
+    from tools.diagnostics.order_report import order_dependence
+    pairs = torch.rand(3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    class Second(torch.nn.Module):  # copies whichever input comes second
+        def forward(self, x):
+            return x[:, 1:]
+
+    class Mean(torch.nn.Module):  # order-invariant
+        def forward(self, x):
+            return x.mean(1, keepdim=True)
+
+    copy = order_dependence(Second(), pairs)
+    assert abs(copy["difference"] - (pairs[:, 0] - pairs[:, 1]).abs().mean().item()) < 1e-6
+    assert abs(copy["given"][1] - 1) < 1e-5 and abs(copy["swapped"][0] - 1) < 1e-5
+    assert abs(copy["given"][0]) < 0.2  # independent noise images
+    mean = order_dependence(Mean(), pairs)
+    assert mean["difference"] < 1e-7
+    assert abs(mean["given"][0] - mean["swapped"][0]) < 1e-6
+
+
+def test_order_report_runs_on_a_run_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    test_split = tmp_path / "datasets" / "IVIF" / "test"
+    for folder in ("ir", "vi"):
+        (test_split / folder).mkdir(parents=True)
+        for stem in ("a", "b"):
+            cv2.imwrite(str(test_split / folder / f"{stem}.png"), rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    run = tmp_path / "run"
+    run.mkdir()
+    random_weights(run / "ReFusion_epoch1.pth", 1)
+    random_weights(tmp_path / "released.pth", 2)
+    command = [sys.executable, "-m", "tools.diagnostics.order_report", "--task", "IVIF",
+               "--datasets", str(tmp_path / "datasets")]
+    out = subprocess.run(command + ["--run", str(run), "--reference", f"released={tmp_path / 'released.pth'}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith(("| released", "| epoch 1"))]
+    assert len(rows) == 2 and all(float(row[2]) > 0 for row in rows)
+    for args in (["--run", str(tmp_path / "none")], ["--run", str(run), "--reference", "released"]):
+        bad = subprocess.run(command + args, cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -24,13 +24,19 @@ def random_weights(path, seed):
     torch.save(ReFusion().state_dict(), path)
 
 
-def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
-    rng = np.random.default_rng(0)
-    test_split = tmp_path / "datasets" / "IVIF" / "test"
+def write_test_split(datasets, seed):
+    """Two random 20x24 IVIF test pairs under ``datasets/IVIF/test/{ir,vi}``."""
+    rng = np.random.default_rng(seed)
     for folder in ("ir", "vi"):
-        (test_split / folder).mkdir(parents=True)
+        (datasets / "IVIF" / "test" / folder).mkdir(parents=True)
         for stem in ("a", "b"):
-            cv2.imwrite(str(test_split / folder / f"{stem}.png"), rng.integers(0, 256, (20, 24), dtype=np.uint8))
+            cv2.imwrite(str(datasets / "IVIF" / "test" / folder / f"{stem}.png"),
+                        rng.integers(0, 256, (20, 24), dtype=np.uint8))
+
+
+def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
+    write_test_split(tmp_path / "datasets", 0)
+    test_split = tmp_path / "datasets" / "IVIF" / "test"
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"task": "IVIF"}')
@@ -97,12 +103,7 @@ def test_order_report_measures_how_f_follows_input_position():
 
 
 def test_order_report_runs_on_a_run_folder(tmp_path):
-    rng = np.random.default_rng(1)
-    test_split = tmp_path / "datasets" / "IVIF" / "test"
-    for folder in ("ir", "vi"):
-        (test_split / folder).mkdir(parents=True)
-        for stem in ("a", "b"):
-            cv2.imwrite(str(test_split / folder / f"{stem}.png"), rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    write_test_split(tmp_path / "datasets", 1)
     run = tmp_path / "run"
     run.mkdir()
     random_weights(run / "ReFusion_epoch1.pth", 1)

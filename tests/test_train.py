@@ -349,3 +349,35 @@ def test_release_folder_layout(tmp_path):
     pairs = load_pairs(str(tmp_path))
     assert pairs.shape == (3, 2, 8, 8) and pairs.dtype == torch.uint8
     assert pairs[2, 1, 0, 0] == 102  # numeric order: 1, 2, 10
+
+
+def meta_replay(*args):
+    return subprocess.run([sys.executable, "-m", "tools.diagnostics.meta_replay", *args, "--every", "1"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_meta_replay_reproduces_each_epochs_p_and_refuses_what_it_cannot_replay(patches, tmp_path):
+    """Replaying stage 1 from the previous epoch's weights (epoch 1: the seed's) ends exactly at
+    the run's ``LPN_epoch<N>.pth``; an override changes P's path; a cropped run and missing
+    weights are one-line errors."""
+    _, data = patches
+    args = TINY + ["--data", str(data), "--crop", "0", "--max_meta_step", "4", "--lpn_lr", "0.25"]
+    run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
+    assert finished
+    for epoch in ("1", "2"):
+        result = meta_replay("--run", run_dir, "--epoch", epoch)
+        assert result.returncode == 0, result.stderr
+        assert f"LPN_epoch{epoch}.pth: max |difference| 0\n" in result.stdout, result.stdout
+        assert len([line for line in result.stdout.splitlines() if line.startswith("| 4 |")]) == 2
+    plain = meta_replay("--run", run_dir, "--epoch", "2", "--pairs", "2")
+    symmetric = meta_replay("--run", run_dir, "--epoch", "2", "--pairs", "2", "--symmetric_lpn", "true")
+    assert "max |difference|" not in plain.stdout + symmetric.stdout  # stopped early / overridden
+    last = [line.split("|")[3] for line in plain.stdout.splitlines() if line.startswith("| 2 |")]
+    last_symmetric = [line.split("|")[3] for line in symmetric.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(last) == len(last_symmetric) == 2 and last != last_symmetric
+    os.remove(os.path.join(run_dir, "ReN_epoch1.pth"))
+    missing = meta_replay("--run", run_dir, "--epoch", "2")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: missing") and "ReN_epoch1" in missing.stderr
+    cropped, _, _ = train_script.train(TINY + ["--data", str(data), "--epochs", "1", "--exp_dir", str(tmp_path / "c")])
+    refused = meta_replay("--run", cropped, "--epoch", "1")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--crop 24" in refused.stderr

@@ -352,7 +352,8 @@ def test_release_folder_layout(tmp_path):
 
 
 def meta_replay(*args):
-    return subprocess.run([sys.executable, "-m", "tools.diagnostics.meta_replay", *args, "--every", "1"],
+    return subprocess.run([sys.executable, "-m", "tools.diagnostics.meta_replay", *args, "--every", "1",
+                           "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True)
 
 
@@ -361,7 +362,9 @@ def test_meta_replay_reproduces_each_epochs_p_and_refuses_what_it_cannot_replay(
     the run's ``LPN_epoch<N>.pth``; an override changes P's path; a cropped run and missing
     weights are one-line errors."""
     _, data = patches
-    args = TINY + ["--data", str(data), "--crop", "0", "--max_meta_step", "4", "--lpn_lr", "0.25"]
+    # one thread on both sides: sums split over threads round differently
+    args = TINY + ["--data", str(data), "--crop", "0", "--max_meta_step", "4", "--lpn_lr", "0.25",
+                   "--threads", "1"]
     run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
     assert finished
     for epoch in ("1", "2"):

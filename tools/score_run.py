@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 
 from tools.quality import SHOWN
@@ -39,9 +40,10 @@ def append_row(path, row):
         writer.writerow(row)
 
 
-def finished_epochs(run):
-    return sorted(int(name[len("ReFusion_epoch"):-len(".pth")]) for name in os.listdir(run)
-                  if name.startswith("ReFusion_epoch") and name.endswith(".pth"))
+def finished_epochs(run, network="ReFusion"):
+    """The epochs N with a ``<network>_epoch<N>.pth`` in ``run``, in order."""
+    return sorted(int(m.group(1)) for m in (re.fullmatch(rf"{network}_epoch(\d+)\.pth", name)
+                                            for name in os.listdir(run)) if m)
 
 
 def score_missing(run, task, datasets, released, device):

@@ -14,10 +14,10 @@ pixels where the two gradients differ).
 import argparse
 import json
 import os
-import re
 import sys
 
 from tools.quality import test_split
+from tools.score_run import finished_epochs
 from utils.errors import run_script
 from utils.tasks import TASKS
 
@@ -75,8 +75,7 @@ def main():
         sys.exit(f"error: no training run folder {args.run}")
     pairs = test_crops(args.datasets, args.task, args.pairs, args.size)
     names = TASKS[args.task].dataset
-    epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"LPN_epoch(\d+)\.pth", f)
-                                              for f in os.listdir(args.run)) if m)
+    epochs = finished_epochs(args.run, "LPN")
     if not epochs:
         sys.exit(f"error: no LPN_epoch<N>.pth in {args.run}")
     config_path = os.path.join(args.run, "config.json")

@@ -13,10 +13,10 @@ source.
 """
 import argparse
 import os
-import re
 import sys
 
 from tools.diagnostics.lpn_report import test_crops
+from tools.score_run import finished_epochs
 from utils.errors import run_script
 from utils.tasks import TASKS
 
@@ -62,9 +62,8 @@ def main():
         if not path:
             sys.exit(f"error: --reference takes NAME=WEIGHTS, got {item!r}")
         rows.append((name, path))
-    epochs = sorted(int(m.group(1)) for m in (re.fullmatch(r"ReFusion_epoch(\d+)\.pth", f)
-                                              for f in os.listdir(args.run)) if m)
-    rows += [(f"epoch {e}", os.path.join(args.run, f"ReFusion_epoch{e}.pth")) for e in epochs]
+    rows += [(f"epoch {e}", os.path.join(args.run, f"ReFusion_epoch{e}.pth"))
+             for e in finished_epochs(args.run)]
     if not rows:
         sys.exit(f"error: no ReFusion_epoch<N>.pth in {args.run}")
     pairs = test_crops(args.datasets, args.task, args.pairs, args.size)

@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,6 +339,68 @@ def test_train_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def lpn_swap(*args):
+    return subprocess.run([sys.executable, "-m", "tools.diagnostics.lpn_swap", *args, "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_lpn_swap_retrains_f_under_another_epochs_p(patches, tmp_path, monkeypatch):
+    """From a checkpoint in epoch 2's stage 1, epoch 2's whole stage 2 under epoch 2's own P ends
+    exactly at ``ReFusion_epoch2.pth``; under epoch 1's P it does not; each F is scored; missing
+    weights, an epoch without a next one and an existing output are one-line errors."""
+    root, data = patches
+    args = TINY + ["--data", str(data), "--crop", "0", "--threads", "1"]
+    from utils import meta
+    original, calls = meta.lpn_meta_gradient, {"n": 0}
+    holder = {}
+    original_init = train_script.Trainer.__init__
+
+    def remember(self, *a, **k):
+        original_init(self, *a, **k)
+        holder["trainer"] = self
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            holder["trainer"].stop_reason = "SIGINT"
+        return original(*a, **k)
+
+    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
+    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_in_epoch_2)
+    run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
+    assert not finished
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(run_dir, snapshot)  # checkpoint.pt in epoch 2's stage 1
+    monkeypatch.setattr(meta, "lpn_meta_gradient", original)
+    assert train_script.train(["--resume", os.path.join(run_dir, "checkpoint.pt")])[1]
+    shutil.copy(os.path.join(run_dir, "LPN_epoch2.pth"), snapshot)
+    datasets = tmp_path / "datasets"
+    for folder, source in (("ir", "a"), ("vi", "b")):
+        (datasets / "IVIF" / "test" / folder).mkdir(parents=True)
+        for stem in ("s0", "s1"):
+            shutil.copy(root / source / f"{stem}.png", datasets / "IVIF" / "test" / folder)
+    out = tmp_path / "out"
+    result = lpn_swap("--run", str(snapshot), "--epoch", "1", "--lpn", "2", "1", "--datasets", str(datasets),
+                      "--save", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "4 of epoch 2's 4 stage-2 steps" in result.stdout and "optimisers: the checkpoint's" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "P of epoch" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["(start: F of epoch 1)", "2", "1"]
+    assert all(len(row.split("|")) == 13 for row in rows)
+    trained = torch.load(os.path.join(run_dir, "ReFusion_epoch2.pth"))
+    own, other = (torch.load(out / f"ReFusion_epoch1_lpn{m}.pth") for m in (2, 1))
+    assert all(torch.equal(trained[k], own[k]) for k in trained)
+    assert not all(torch.equal(trained[k], other[k]) for k in trained)
+
+    fresh = lpn_swap("--run", run_dir, "--epoch", "1", "--lpn", "2", "--steps", "1", "--datasets", str(datasets))
+    assert fresh.returncode == 0 and "1 of epoch 2's 4" in fresh.stdout and "fresh Adam" in fresh.stdout
+    for bad, message in ((["--epoch", "1", "--lpn", "7"], "LPN_epoch7"), (["--epoch", "2", "--lpn", "1"], "--epoch"),
+                         (["--epoch", "1", "--lpn", "1", "--save", str(out)], "exists")):
+        refused = lpn_swap("--run", str(snapshot), "--datasets", str(datasets), *bad)
+        assert refused.returncode == 1 and refused.stderr.startswith("error:"), refused.stderr
+        assert refused.stderr.count("\n") == 1 and message in refused.stderr
 
 
 def test_release_folder_layout(tmp_path):

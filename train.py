@@ -336,6 +336,12 @@ class Trainer:
         self.sums["meta_n"] += end - first
         self.step = end
 
+    def set_rate(self, rate):
+        """F's and R's optimisers step at ``rate`` from now on."""
+        for optimiser in (self.opt_fusion, self.opt_recon):
+            for group in optimiser.param_groups:
+                group["lr"] = rate
+
     def fusion_round(self, batches, weights):
         """Stage-2 step ``step``: each rank steps on its share of the batch; the wrappers average
         F's and R's gradients over the ranks, so every rank takes the same optimiser step."""
@@ -359,9 +365,7 @@ class Trainer:
         c = self.config
         while self.epoch < c["epochs"]:
             rate, lpn_rate = lr_at(c, self.epoch), lr_at(c, self.epoch, "lpn_lr")
-            for optimiser in (self.opt_fusion, self.opt_recon):
-                for group in optimiser.param_groups:
-                    group["lr"] = rate
+            self.set_rate(rate)
             batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
             weights = self.loss_weights()
             meta_steps = min(c["max_meta_step"], len(batches) - 1)

@@ -87,6 +87,29 @@ def weights(run_dir):
     return {name: torch.load(os.path.join(run_dir, f"{name}.pth")) for name in ("ReFusion", "LPN", "ReN")}
 
 
+def interrupt_at_meta_pair(monkeypatch, count):
+    """Ctrl-C (as ``stop_reason``) once the ``count``-th meta pair of the next run starts; with
+    TINY's 3 pairs per epoch, 4 stops epoch 2's stage 1 after its first pair. Returns the original
+    ``lpn_meta_gradient`` to put back before resuming."""
+    from utils import meta
+    calls, holder = {"n": 0}, {}
+    original, original_init = meta.lpn_meta_gradient, train_script.Trainer.__init__
+
+    def remember(self, *a, **k):
+        original_init(self, *a, **k)
+        holder["trainer"] = self
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == count:
+            holder["trainer"].stop_reason = "SIGINT"
+        return original(*a, **k)
+
+    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
+    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt)
+    return original
+
+
 def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch):
     _, data = patches
     args = TINY + ["--data", str(data)]
@@ -108,24 +131,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
 
     # interrupted in epoch 2 during stage 1 (after the first of two accumulated pairs), then resumed
     from utils import meta
-    calls = {"n": 0}
-    original = meta.lpn_meta_gradient
-
-    def interrupt_later(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 2, first meta pair done -> Ctrl-C
-            trainer_holder["trainer"].stop_reason = "SIGINT"
-        return original(*a, **k)
-
-    trainer_holder = {}
-    original_init = train_script.Trainer.__init__
-
-    def remember(self, *a, **k):
-        original_init(self, *a, **k)
-        trainer_holder["trainer"] = self
-
-    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
-    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_later)
+    original = interrupt_at_meta_pair(monkeypatch, 4)
     part_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
     assert not finished
     models = tmp_path / "models"
@@ -353,22 +359,7 @@ def test_lpn_swap_retrains_f_under_another_epochs_p(patches, tmp_path, monkeypat
     root, data = patches
     args = TINY + ["--data", str(data), "--crop", "0", "--threads", "1"]
     from utils import meta
-    original, calls = meta.lpn_meta_gradient, {"n": 0}
-    holder = {}
-    original_init = train_script.Trainer.__init__
-
-    def remember(self, *a, **k):
-        original_init(self, *a, **k)
-        holder["trainer"] = self
-
-    def interrupt_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            holder["trainer"].stop_reason = "SIGINT"
-        return original(*a, **k)
-
-    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
-    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt_in_epoch_2)
+    original = interrupt_at_meta_pair(monkeypatch, 4)
     run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
     assert not finished
     snapshot = tmp_path / "snapshot"

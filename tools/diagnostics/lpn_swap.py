@@ -57,9 +57,7 @@ def train_under(trainer, run, epoch, lpn_epoch, steps, optimisers):
     if optimisers is not None:
         trainer.opt_fusion.load_state_dict(optimisers[0])
         trainer.opt_recon.load_state_dict(optimisers[1])
-    for optimiser in (trainer.opt_fusion, trainer.opt_recon):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(config, epoch)
+    trainer.set_rate(lr_at(config, epoch))
     trainer.crop_rng = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
     trainer.epoch, trainer.stage, trainer.step, trainer.sums = epoch, "fusion", 0, empty_sums()
     batches = epoch_batches(len(trainer.pairs), config["batch_size"], config["seed"], epoch)
@@ -106,9 +104,8 @@ def main():
     if args.data:
         config["data"] = args.data
 
-    import torch
-
     from train import Trainer
+    from utils.checkpoint import save_atomic
     from utils.data import fusion_steps_per_epoch
     trainer = Trainer(config)
     whole = fusion_steps_per_epoch(len(trainer.pairs), config["batch_size"], config["max_fusion_steps"])
@@ -132,7 +129,7 @@ def main():
         for lpn_epoch in args.lpn:
             loss = train_under(trainer, args.run, args.epoch, lpn_epoch, steps, optimisers)
             path = os.path.join(out, f"ReFusion_epoch{args.epoch}_lpn{lpn_epoch}.pth")
-            torch.save(trainer.fusion.state_dict(), path)
+            save_atomic({k: v.detach().cpu() for k, v in trainer.fusion.state_dict().items()}, path)
             show(lpn_epoch, f"{loss:.4f}", path)
 
 

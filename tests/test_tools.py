@@ -118,3 +118,25 @@ def test_order_report_runs_on_a_run_folder(tmp_path):
     for args in (["--run", str(tmp_path / "none")], ["--run", str(run), "--reference", "released"]):
         bad = subprocess.run(command + args, cwd=ROOT, capture_output=True, text=True)
         assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_lpn_report_gives_the_largest_change_of_p_between_epochs(tmp_path):
+    from ReFusion import LPN
+    write_test_split(tmp_path / "datasets", 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    lpn = LPN()
+    torch.save(lpn.state_dict(), run / "LPN_epoch1.pth")
+    with torch.no_grad():
+        first = next(lpn.parameters())
+        first.view(-1)[0] += 0.0375
+        first.view(-1)[1:] -= 0.01
+    torch.save(lpn.state_dict(), run / "LPN_epoch2.pth")
+    out = subprocess.run([sys.executable, "-m", "tools.diagnostics.lpn_report", "--run", str(run), "--task", "IVIF",
+                          "--datasets", str(tmp_path / "datasets"), "--pairs", "2", "--size", "16"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert [row[6].strip() for row in rows] == ["", "", "0.03750", "0.03750"]
+    assert all(0 <= float(row[5]) <= 1 for row in rows)

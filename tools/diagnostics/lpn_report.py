@@ -9,7 +9,9 @@ on the first ``--pairs`` pairs of ``<DATASETS>/<TASK>/test`` (a ``--size`` crop 
 standard deviation of the first input's intensity and gradient weights in both source orders
 (averaged over the orders when the run used ``--symmetric_lpn``),
 and how often the gradient weight favours the source with the larger Sobel gradient (over the
-pixels where the two gradients differ).
+pixels where the two gradients differ), and P's largest parameter change since the previous
+epoch: P steps at most its rate per update, so that change against (updates x rate) tells whether
+its updates add up or cancel.
 """
 import argparse
 import json
@@ -59,6 +61,11 @@ def proposal_summary(lpn, pairs, symmetric):
     return rows
 
 
+def largest_change(before, after):
+    """max |phi_after - phi_before| over all of P's parameters."""
+    return max((a - b).abs().max().item() for a, b in zip(after.parameters(), before.parameters()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with LPN_epoch<N>.pth")
@@ -84,13 +91,17 @@ def main():
         with open(config_path) as stream:
             symmetric = json.load(stream).get("symmetric_lpn", False)
     print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
-    print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) | w_grad on larger gradient (where they differ) |")
-    print("|---|---|---|---|---|")
+    print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) "
+          "| w_grad on larger gradient (where they differ) | max abs change of P since previous epoch |")
+    print("|---|---|---|---|---|---|")
+    previous = None
     for epoch in epochs:
         lpn = load_weights(LPN(), os.path.join(args.run, f"LPN_epoch{epoch}.pth"))
+        change = "" if previous is None or previous[0] != epoch - 1 else f"{largest_change(previous[1], lpn):.5f}"
         for order, row in zip((names, names[::-1]), proposal_summary(lpn, pairs, symmetric)):
             print(f"| {epoch} | {', '.join(order)} | {row['w_int'][0]:.3f} ({row['w_int'][1]:.3f}) | "
-                  f"{row['w_grad'][0]:.3f} ({row['w_grad'][1]:.3f}) | {row['follows_gradient']:.2f} |")
+                  f"{row['w_grad'][0]:.3f} ({row['w_grad'][1]:.3f}) | {row['follows_gradient']:.2f} | {change} |")
+        previous = epoch, lpn
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""tools/score_run.py end to end: scores.csv rows equal eval.py on test.py's output, only missing
-epochs are scored, and the learning curve is drawn. (Tests run the tools as commands.)"""
+"""The run tools end to end: score_run's scores.csv rows equal eval.py on test.py's output, only
+missing epochs are scored and the learning curve is drawn; order_report and lpn_report read a run
+folder. (Tests run the tools as commands.)"""
 import csv
 import os
 import subprocess

@@ -270,13 +270,12 @@ class Trainer:
             torch.manual_seed(rank_seed(self.config["seed"], self.world.rank) + self.epoch)
 
     def save_weights(self):
-        from utils.checkpoint import save_atomic
+        from utils.checkpoint import save_weights
         if not self.world.main:
             return
         for name, net in (("ReFusion", self.fusion), ("LPN", self.lpn), ("ReN", self.recon)):
-            weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            save_atomic(weights, os.path.join(self.run_dir, f"{name}_epoch{self.epoch + 1}.pth"))
-            save_atomic(weights, os.path.join(self.run_dir, f"{name}.pth"))
+            save_weights(net, os.path.join(self.run_dir, f"{name}_epoch{self.epoch + 1}.pth"),
+                         os.path.join(self.run_dir, f"{name}.pth"))
 
     def save_samples(self, count=4):
         """``samples_epoch<N>.png``: rows of source A | source B | fused for fixed training pairs."""

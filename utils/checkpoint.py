@@ -19,6 +19,13 @@ def save_atomic(obj, path):
     write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
+def save_weights(network, *paths):
+    """``network``'s weights as CPU tensors (loadable anywhere), written atomically to each path."""
+    weights = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    for path in paths:
+        save_atomic(weights, path)
+
+
 def read_checkpoint(path, hint=""):
     """``torch.load`` on CPU with tensors only; raises ``CheckpointError`` with a one-line reason."""
     if not os.path.isfile(path):

@@ -105,7 +105,7 @@ def main():
         config["data"] = args.data
 
     from train import Trainer
-    from utils.checkpoint import save_atomic
+    from utils.checkpoint import save_weights
     from utils.data import fusion_steps_per_epoch
     trainer = Trainer(config)
     whole = fusion_steps_per_epoch(len(trainer.pairs), config["batch_size"], config["max_fusion_steps"])
@@ -129,7 +129,7 @@ def main():
         for lpn_epoch in args.lpn:
             loss = train_under(trainer, args.run, args.epoch, lpn_epoch, steps, optimisers)
             path = os.path.join(out, f"ReFusion_epoch{args.epoch}_lpn{lpn_epoch}.pth")
-            save_atomic({k: v.detach().cpu() for k, v in trainer.fusion.state_dict().items()}, path)
+            save_weights(trainer.fusion, path)
             show(lpn_epoch, f"{loss:.4f}", path)
 
 

@@ -516,6 +516,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.distributed import exit_process, launched_world_size
     from utils.runtime import keep_freed_memory
     keep_freed_memory()
-    sys.exit(main())
+    code = main()
+    if launched_world_size() > 1:
+        exit_process(code)
+    sys.exit(code)

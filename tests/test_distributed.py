@@ -218,3 +218,17 @@ def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
 def test_dist_timeout_must_be_a_positive_duration(data, value, capsys):
     assert train_script.main(SHORT + ["--data", data, "--dist_timeout", value]) == 1
     assert "--dist_timeout" in capsys.readouterr().err
+
+
+def test_a_rank_ends_with_its_exit_code_and_output_but_no_interpreter_shutdown():
+    """What ends a process of a multi-process run: its output is out and its exit code given,
+    while what would run at interpreter shutdown (here an atexit handler; in a rank, a gloo thread
+    freeing tensors under the GIL) never runs."""
+    script = ("import atexit, sys\n"
+              "from utils.distributed import exit_process\n"
+              "atexit.register(lambda: print('shutdown ran'))\n"
+              "print('to stdout', end='')\n"
+              "print('to stderr', end='', file=sys.stderr)\n"
+              "exit_process(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "to stdout", "to stderr")

@@ -205,6 +205,27 @@ def test_a_rank_whose_peers_never_come_times_out(data, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_bad_input_is_reported_even_when_rank_0_meets_it_last(tmp_path):
+    # the launcher ends every rank once one fails: a rank that failed quietly before rank 0 had
+    # printed the error would leave the user without it
+    script = tmp_path / "late_rank_0.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from utils.errors import UserError, run_script\n"
+        "rank = int(os.environ['RANK'])\n"
+        "def action():\n"
+        "    time.sleep(3 if rank == 0 else 0)\n"
+        "    raise UserError('the same bad input on every rank')\n"
+        "sys.exit(run_script(action, rank=rank))\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: the same bad input on every rank"], done.stderr
+
+
 def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
     code, err = torchrun(SHORT + ["--data", data, "--exp_dir", str(tmp_path / "run"), "--batch_size", "3"])
     assert code != 0

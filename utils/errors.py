@@ -13,13 +13,16 @@ def run_script(action, interrupted_message="interrupted", rank=None):
 
     ``rank``: this process's rank among several training processes. Bad input is the same for all
     of them, so only rank 0 reports a ``UserError`` (unless it is ``every_rank``); other failures
-    are reported by each rank that meets them, naming it.
+    are reported by each rank that meets them, naming it. The other ranks leave such an error to
+    rank 0 with exit code 0: a launcher ends every rank as soon as one fails, which would often
+    end rank 0 before it has printed the error.
     """
     where = "" if rank is None else f"(rank {rank}) "
 
     def report(message, shared=False):
-        if not (shared and rank):
-            print(f"error: {'' if shared else where}{message}", file=sys.stderr)
+        if shared and rank:
+            return 0
+        print(f"error: {'' if shared else where}{message}", file=sys.stderr)
         return 1
 
     try:

@@ -48,14 +48,14 @@ def data(tmp_path_factory):
     return str(path)
 
 
-def torchrun_command(args, ranks=2):
+def torchrun_command(args, ranks=2, script=os.path.join(ROOT, "train.py")):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(ranks), os.path.join(ROOT, "train.py")] + args
+            str(ranks), str(script)] + args
 
 
-def torchrun(args, ranks=2):
+def torchrun(args, ranks=2, script=os.path.join(ROOT, "train.py")):
     """(exit code, everything the processes printed)"""
-    done = subprocess.run(torchrun_command(args, ranks), cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run(torchrun_command(args, ranks, script), cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return done.returncode, done.stdout + done.stderr
 
@@ -218,12 +218,10 @@ def test_bad_input_is_reported_even_when_rank_0_meets_it_last(tmp_path):
         "    time.sleep(3 if rank == 0 else 0)\n"
         "    raise UserError('the same bad input on every rank')\n"
         "sys.exit(run_script(action, rank=rank))\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
-    assert errors == ["error: the same bad input on every rank"], done.stderr
+    code, err = torchrun([], script=script)
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the same bad input on every rank"], err
 
 
 def test_a_batch_that_does_not_split_is_refused(data, tmp_path):

@@ -17,6 +17,8 @@ import torch
 from conftest import ROOT
 from test_train import load_script, start_run, wait_for_checkpoint, weights
 
+TRAIN = os.path.join(ROOT, "train.py")
+
 train_script = load_script("refusion_train_distributed", "train.py")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir("/proc"),
@@ -48,15 +50,15 @@ def data(tmp_path_factory):
     return str(path)
 
 
-def torchrun_command(args, ranks=2, script=os.path.join(ROOT, "train.py")):
+def torchrun_command(args, ranks=2, script=TRAIN):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(ranks), str(script)] + args
 
 
-def torchrun(args, ranks=2, script=os.path.join(ROOT, "train.py")):
+def torchrun(args, ranks=2, script=TRAIN):
     """(exit code, everything the processes printed)"""
-    done = subprocess.run(torchrun_command(args, ranks, script), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(torchrun_command(args, ranks, script), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return done.returncode, done.stdout + done.stderr
 
 
@@ -195,7 +197,7 @@ def test_a_rank_whose_peers_never_come_times_out(data, tmp_path):
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SHORT, "--data", data,
+    done = subprocess.run([sys.executable, TRAIN, *SHORT, "--data", data,
                            "--exp_dir", str(tmp_path / "run"), "--dist_timeout", "3s"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

@@ -31,12 +31,13 @@ epochs = 50
 batch_size = 2
 lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
 lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
+meta_rule = "release"         # P's update: "release" (its code: meta + L_f terms, fresh batch pairs) | "paper"
 symmetric_lpn = False         # P's two source orders averaged: no favouring an input by position (not in the release)
-lpn_fusion_loss = False       # P also descends the inner fusion loss, as the release's code does (the paper: not)
+lpn_fusion_loss = False       # with --meta_rule paper: P also descends every pair's inner fusion loss
 lr_step = 10                  # StepLR for all three (P: see lpn_lr_step): lr * lr_gamma ** (epoch // lr_step)
 lpn_lr_step = 0               # P's own StepLR step when > 0 (0: lr_step), e.g. to stop P early, not F
 lr_gamma = 0.1
-max_meta_step = 600           # stage 1: meta pairs of consecutive batches per epoch
+max_meta_step = 600           # stage 1: meta pairs per epoch (at most what the epoch's batches give)
 accumulation_steps = 2        # stage 1: outer batches per update of P
 max_fusion_steps = 0          # stage 2: batches per epoch (0: one full pass)
 crop = 0                      # random crop of each batch to crop x crop (0: whole patches)
@@ -127,9 +128,25 @@ def check_config(config, world_size=1):
     if config["batch_size"] % world_size:
         raise TrainError(f"--batch_size {config['batch_size']} (the global batch) cannot be split evenly "
                          f"over {world_size} processes: use a multiple of {world_size}")
+    from utils.meta import META_RULES
+    if config["meta_rule"] not in META_RULES:
+        raise TrainError(f"--meta_rule must be one of {', '.join(META_RULES)}, got '{config['meta_rule']}'")
+    if config["lpn_fusion_loss"] and config["meta_rule"] != "paper":
+        raise TrainError("--lpn_fusion_loss true belongs to --meta_rule paper (the release's rule "
+                         "already adds the fusion loss its own way)")
     if config["recon_dim"] < 8 or config["recon_dim"] % 8:
         raise TrainError(f"--recon_dim must be a positive multiple of 8 (R has 8 attention heads), "
                          f"got {config['recon_dim']}")
+
+
+# keys whose absence from a run's config.json means a rule older than today's default
+BEFORE_KEY = {"meta_rule": "paper"}
+
+
+def saved_config(saved):
+    """A run's config as written by any version: keys added since take their defaults, except
+    those that changed what a run does (``BEFORE_KEY``), which keep the run's original rule."""
+    return {**default_config(), **BEFORE_KEY, **saved}
 
 
 def empty_sums():
@@ -148,7 +165,7 @@ def loss_weights_at(config, epoch):
     from utils.meta import LossWeights
     c = config
     return LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
-                       c["recon_c_grad"], c["symmetric_lpn"], c["lpn_fusion_loss"])
+                       c["recon_c_grad"], c["symmetric_lpn"], c["meta_rule"], c["lpn_fusion_loss"])
 
 
 # how a stop was asked for, in rising priority: the ranks of a run stop for the highest any saw
@@ -317,16 +334,19 @@ class Trainer:
         added to P's update exactly as one process would add them one by one."""
         import torch
 
-        from utils.meta import lpn_meta_gradient
+        from utils.data import meta_pair
+        from utils.meta import lpn_meta_gradient, pair_coefficients
         first, group = self.step, self.config["accumulation_steps"]
         end = min(first + self.world.size, (first // group + 1) * group, meta_steps)
         windows = [(self.window(), self.window()) for _ in range(first, end)]
         mine = first + self.world.rank
         if mine < end:
-            inner, outer = windows[mine - first]
+            inner, outer = meta_pair(weights.meta_rule, mine)
+            inner_window, outer_window = windows[mine - first]
             loss, grads = lpn_meta_gradient(self.fusion, self.recon, self.lpn,
-                                            self.batch(batches[mine], inner),
-                                            self.batch(batches[mine + 1], outer), rate, weights)
+                                            self.batch(batches[inner], inner_window),
+                                            self.batch(batches[outer], outer_window), rate, weights,
+                                            pair_coefficients(weights, mine, group))
         else:  # more ranks than pairs left in the group
             loss, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self.lpn.parameters()]
         *grads, loss = self.world.sum([*grads, loss])
@@ -359,7 +379,7 @@ class Trainer:
 
         from tqdm import tqdm
 
-        from utils.data import epoch_batches, fusion_steps_per_epoch
+        from utils.data import epoch_batches, fusion_steps_per_epoch, meta_pairs_per_epoch
 
         c = self.config
         while self.epoch < c["epochs"]:
@@ -367,7 +387,7 @@ class Trainer:
             self.set_rate(rate)
             batches = epoch_batches(len(self.pairs), c["batch_size"], c["seed"], self.epoch)
             weights = self.loss_weights()
-            meta_steps = min(c["max_meta_step"], len(batches) - 1)
+            meta_steps = meta_pairs_per_epoch(c["meta_rule"], len(batches), c["max_meta_step"])
             fusion_steps = fusion_steps_per_epoch(len(self.pairs), c["batch_size"], c["max_fusion_steps"])
             # rank 0 reports; into a log file (no terminal) a line a minute, not one per step
             bar_of = partial(tqdm, disable=not self.world.main,
@@ -440,8 +460,7 @@ def train(argv):
         # how to run, not what to train: taken from this command line, not the checkpoint
         overrides = {k: config[k] for k in ("device", "threads", "max_time", "checkpoint_every",
                                             "dist_timeout")}
-        # keys added since the checkpoint was written take their defaults
-        config = {**default_config(), **state["config"], **overrides, "resume": config["resume"]}
+        config = {**saved_config(state["config"]), **overrides, "resume": config["resume"]}
     check_config(config, launched_world_size())
     resume_dir = os.path.dirname(os.path.abspath(config["resume"])) if state is not None else None
     try:

@@ -4,8 +4,11 @@
         --out data/IVIF_train.h5 --patch_size 128 --stride 64
 
 Output: datasets ``img1`` and ``img2`` (uint8, N x 1 x P x P, Y channel of each source) and
-attributes ``source1``, ``source2``, ``patch_size``, ``stride``, ``count``, ``images``, ``dropped``.
-Patches whose 10th-90th percentile range is under 10% of 0-255 in either source are dropped.
+attributes ``source1``, ``source2``, ``patch_size``, ``stride``, ``low_contrast``, ``count``,
+``images``, ``dropped``. Patches of low contrast in either source are dropped: ``absolute``, a
+10th-90th percentile range under 10% of 0-255; ``relative``, under 10% of the 90th percentile
+(CDDFuse's rule, from the release's group), which keeps dark but structured night scenes such as
+most of MSRS.
 """
 import argparse
 import os
@@ -18,6 +21,7 @@ path_img2 = ""        # folder of second sources (e.g. visible)
 path_out = "data/IVIF_train.h5"
 patch_size = 128
 stride = 64
+low_contrast = "absolute"  # "absolute" | "relative": which patches count as low-contrast (above)
 # -----------------------------------------------------------------------------
 
 # a script in data/ that imports the repository's utils
@@ -30,14 +34,19 @@ def patches(image, size, step):
     return sliding_window_view(image, (size, size))[::step, ::step].reshape(-1, size, size)
 
 
-def low_contrast(patch_stack):
-    """Per patch: True if the 10th-90th percentile range is under 10% of the uint8 range."""
-    from skimage.exposure import is_low_contrast
-    return [is_low_contrast(p, fraction_threshold=0.1, lower_percentile=10, upper_percentile=90)
-            for p in patch_stack]
+CONTRAST_RULES = ("absolute", "relative")
 
 
-def build(img1, img2, out, size, step):
+def is_low_contrast(patch_stack, rule):
+    """Per patch ``(n,P,P)`` uint8: True if its 10th-90th percentile range is under 10% of 255
+    (``absolute``) or of its 90th percentile (``relative``)."""
+    import numpy as np
+    low, high = np.percentile(patch_stack.reshape(len(patch_stack), -1), [10, 90], axis=1)
+    reference = 255.0 if rule == "absolute" else high
+    return (high - low) < 0.1 * reference
+
+
+def build(img1, img2, out, size, step, rule="absolute"):
     import h5py
     import numpy as np
     from tqdm import tqdm
@@ -49,6 +58,8 @@ def build(img1, img2, out, size, step):
 
     if not img1 or not img2:
         raise UserError("--img1 and --img2 are needed: folders of the two sources, paired by file name")
+    if rule not in CONTRAST_RULES:
+        raise UserError(f"--low_contrast must be one of {', '.join(CONTRAST_RULES)}, got '{rule}'")
     if size < 8 or step < 1:
         raise UserError(f"--patch_size must be >= 8 and --stride >= 1 (got {size}, {step})")
     for folder in (img1, img2):
@@ -74,14 +85,14 @@ def build(img1, img2, out, size, step):
                 continue
             used += 1
             cuts1, cuts2 = patches(first, size, step), patches(second, size, step)
-            keep = ~(np.array(low_contrast(cuts1)) | np.array(low_contrast(cuts2)))
+            keep = ~(is_low_contrast(cuts1, rule) | is_low_contrast(cuts2, rule))
             dropped += int((~keep).sum())
             for dataset, cuts in zip(sets, (cuts1[keep], cuts2[keep])):
                 dataset.resize(kept + len(cuts), axis=0)
                 dataset[kept:] = cuts[:, None]
             kept += int(keep.sum())
         store.attrs.update({"source1": os.path.abspath(img1), "source2": os.path.abspath(img2),
-                            "patch_size": size, "stride": step, "count": kept, "images": used,
+                            "patch_size": size, "stride": step, "low_contrast": rule, "count": kept, "images": used,
                             "dropped": dropped})
     if kept == 0:
         os.remove(temporary)
@@ -97,10 +108,12 @@ def main(argv=None):
     parser.add_argument("--out", default=path_out)
     parser.add_argument("--patch_size", type=int, default=patch_size)
     parser.add_argument("--stride", type=int, default=stride)
+    parser.add_argument("--low_contrast", default=low_contrast)
     args = parser.parse_args(argv)
     from utils.errors import run_script
     try:
-        return run_script(lambda: build(args.img1, args.img2, args.out, args.patch_size, args.stride),
+        return run_script(lambda: build(args.img1, args.img2, args.out, args.patch_size, args.stride,
+                                        args.low_contrast),
                           "interrupted; no output written")
     finally:
         if os.path.exists(args.out + ".partial"):

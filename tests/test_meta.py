@@ -1,13 +1,14 @@
 """Second-order meta-gradient of P, stage 2 and input exchange."""
 from dataclasses import replace
 
+import pytest
 import torch
 from torch.func import functional_call
 
 from ReFusion import LPN, ReFusion, ReN
 from utils.losses import fusion_loss, gradient_map, reconstruction_loss
 from utils.meta import (LossWeights, LPNUpdate, exchange, fusion_step, lpn_meta_gradient,
-                        meta_outer_loss, params, reconstruction_targets)
+                        meta_outer_loss, pair_coefficients, params, reconstruction_targets)
 
 
 def tiny_networks(dtype=torch.float64):
@@ -30,7 +31,8 @@ def test_lpn_meta_gradient_matches_finite_difference():
     assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)
 
 
-def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads):
+def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads,
+                                     coefficients=(1.0, 0.0)):
     """P's gradient along a random direction equals a central difference of the outer loss."""
     base = {k: v.detach() for k, v in params(lpn).items()}
     direction = {k: torch.randn_like(v) for k, v in base.items()}
@@ -38,7 +40,7 @@ def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, we
 
     def loss_at(t):
         moved = {k: (base[k] + t * direction[k]).requires_grad_() for k in base}
-        return meta_outer_loss(fusion, recon, lpn, moved, inner, outer, alpha, weights).detach()
+        return meta_outer_loss(fusion, recon, lpn, moved, inner, outer, alpha, weights, coefficients).detach()
 
     eps = 1e-5
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
@@ -152,13 +154,22 @@ def test_lpn_meta_gradient_with_symmetric_proposals_matches_finite_difference():
     assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)
 
 
-def test_lpn_meta_gradient_with_the_fusion_loss_matches_finite_difference():
-    """--lpn_fusion_loss: P's gradient is that of the outer loss plus the inner L_f."""
+@pytest.mark.parametrize("coefficients", [(1.0, 1.0), (0.5, 1.0), (1 / 3, 0.0)])
+def test_lpn_meta_gradient_with_the_fusion_loss_matches_finite_difference(coefficients):
+    """P's gradient weighs the meta term and the inner L_f as ``pair_coefficients`` says (the
+    release's rule: 1/A and 0 or 1; --lpn_fusion_loss: 1 and 1)."""
     fusion, recon, lpn = tiny_networks()
     inner, outer = batches()
-    weights, alpha = LossWeights(fusion_grad=0.5, symmetric_proposals=True, lpn_fusion_loss=True), 0.5
-    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
-    _, meta_only = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha,
-                                     replace(weights, lpn_fusion_loss=False))
+    weights, alpha = LossWeights(fusion_grad=0.5, symmetric_proposals=True), 0.5
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights, coefficients)
+    _, meta_only = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights)
     assert not all(torch.allclose(g, m) for g, m in zip(grads, meta_only))
-    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads)
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads, coefficients)
+
+
+def test_pair_coefficients_of_both_rules():
+    release, paper = LossWeights(), LossWeights(meta_rule="paper")
+    assert [pair_coefficients(release, k, 2) for k in range(4)] == [(0.5, 0.0), (0.5, 1.0)] * 2
+    assert [pair_coefficients(release, k, 3) for k in range(3)] == [(1 / 3, 0.0)] + [(1 / 3, 1.0)] * 2
+    assert pair_coefficients(paper, 1, 2) == (1.0, 0.0)
+    assert pair_coefficients(replace(paper, lpn_fusion_loss=True), 0, 2) == (1.0, 1.0)

@@ -77,6 +77,18 @@ def epoch_batches(count, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
 
 
+def meta_pairs_per_epoch(rule, batch_count, cap):
+    """Stage-1 pairs of an epoch of ``batch_count`` batches, at most ``cap`` (see ``meta_pair``)."""
+    return min(cap, batch_count // 2 if rule == "release" else batch_count - 1)
+
+
+def meta_pair(rule, pair):
+    """Indices of the (inner, outer) batches of stage-1 pair ``pair`` in the epoch's batch order.
+    ``release``: two fresh batches a pair, as the release's loop walks its shuffled loader;
+    ``paper``: consecutive batches, each the outer of one pair and the inner of the next."""
+    return (2 * pair, 2 * pair + 1) if rule == "release" else (pair, pair + 1)
+
+
 def fusion_steps_per_epoch(count, batch_size, cap):
     """Stage-2 steps of an epoch: one pass of full batches, at most ``cap`` (0: no cap)."""
     full_pass = count // batch_size

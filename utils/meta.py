@@ -21,14 +21,34 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 @dataclass
 class LossWeights:
     """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), whether
-    P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``) and whether P
-    also descends the inner fusion loss (the release's code does; the paper's P does not)."""
+    P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``), P's update
+    rule (``meta_rule``: ``META_RULES``) and, under the paper's rule, whether P also descends every
+    pair's inner fusion loss (``lpn_fusion_loss``)."""
     fusion_int: float = 1.0
     fusion_grad: float = 1.0
     recon_int: float = 1.0
     recon_grad: float = 1.0
     symmetric_proposals: bool = False
+    meta_rule: str = "release"
     lpn_fusion_loss: bool = False
+
+
+META_RULES = ("release", "paper")
+
+
+def pair_coefficients(weights, pair, accumulation_steps):
+    """``(c_meta, c_f)``: P's gradient from the epoch's meta pair ``pair`` (0-based) is
+    ``c_meta * dL_out/dphi + c_f * dL_f/dphi``, ``L_f`` the inner fusion loss at F's output.
+
+    ``paper``: P learns from reconstruction alone, ``(1, 0)`` (``(1, 1)`` with ``lpn_fusion_loss``).
+    ``release``: the release's code divides each outer loss by ``accumulation_steps``, and its
+    inner ``backward(create_graph=True)`` with P's proposals attached leaves ``dL_f/dphi`` in P's
+    ``.grad``, which it zeroes just before the first outer pass of each group: the first pair of a
+    group keeps only its meta term, every later pair its ``L_f`` term too.
+    """
+    if weights.meta_rule == "paper":
+        return 1.0, float(weights.lpn_fusion_loss)
+    return 1.0 / accumulation_steps, float(pair % accumulation_steps != 0)
 
 
 def exchange(batch):
@@ -88,33 +108,39 @@ def outer_objective(fusion, recon, fusion_after, recon_after, batch, weights):
     return reconstruction_objective(recon, recon_after, fused, batch, weights)
 
 
-def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, alpha, weights):
+def meta_outer_loss(fusion, recon, lpn, lpn_params, inner_batch, outer_batch, alpha, weights,
+                    coefficients=(1.0, 0.0)):
     """The stage-1 objective as a function of P's parameters (value only).
 
     Inner batch: F steps ``theta_F' = theta_F - alpha * dL_f/dtheta_F`` under the loss that P
     proposes (so theta_F' depends on P), R steps on ``L_r(R(F(x).detach()))``. Outer batch (new
-    data): ``L_r(R'(F'(x)))``, plus the inner ``L_f`` when ``weights.lpn_fusion_loss``.
-    ``lpn_meta_gradient`` returns its exact gradient.
+    data): ``c_meta * L_r(R'(F'(x))) + c_f * L_f`` with ``coefficients`` ``(c_meta, c_f)``
+    (``pair_coefficients``). ``lpn_meta_gradient`` returns its exact gradient.
     """
+    c_meta, c_f = coefficients
     inputs, fused, w_int, w_grad, fusion_after, recon_after = inner_steps(
         fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
-    outer = outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
-    if weights.lpn_fusion_loss:
-        outer = outer + proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
+    outer = c_meta * outer_objective(fusion, recon, fusion_after, recon_after, outer_batch, weights)
+    if c_f:
+        outer = outer + c_f * proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
     return outer
 
 
-def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weights):
-    """(outer loss, exact gradient of ``meta_outer_loss`` with respect to P's parameters).
+def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weights,
+                      coefficients=(1.0, 0.0)):
+    """(outer loss ``L_r(R'(F'(x)))``, exact gradient of ``meta_outer_loss`` with respect to P's
+    parameters).
 
     P only reaches the outer loss through ``theta_F'``. With ``v = dL_out/dtheta_F'`` and
     ``dL_f/dtheta_F = J^T g(w)`` (J: Jacobian of F's output, g: the loss's gradient with respect
     to that output, which is where P's weights w enter),
     ``dL_out/dphi = -alpha * d/dphi <J v, g(w(phi))>``. ``J v`` is one forward-mode product
     (``torch.func.jvp``), so the second-order term costs a forward pass of F instead of a
-    double backward through it. P learns only from this reconstruction signal unless
-    ``weights.lpn_fusion_loss``, which adds ``dL_f/dphi`` at F's current output, as the release does.
+    double backward through it. ``coefficients`` ``(c_meta, c_f)`` weigh it against
+    ``dL_f/dphi`` at F's current output (``pair_coefficients``: which pairs of the release's rule
+    add that term).
     """
+    c_meta, c_f = coefficients
     lpn_params = params(lpn)
     inputs, fused, w_int, w_grad, fusion_after, recon_after = inner_steps(
         fusion, recon, lpn, lpn_params, inner_batch, alpha, weights)
@@ -127,15 +153,15 @@ def lpn_meta_gradient(fusion, recon, lpn, inner_batch, outer_batch, alpha, weigh
     fused = fused.requires_grad_()
     inner_loss = proposed_fusion_loss(inputs, fused, w_int, w_grad, weights)
     loss_gradient = torch.autograd.grad(inner_loss, fused, create_graph=True)[0]
-    objective = -alpha * (loss_gradient * output_tangent).sum()
-    if weights.lpn_fusion_loss:
-        objective = objective + inner_loss
+    objective = -alpha * c_meta * (loss_gradient * output_tangent).sum()
+    if c_f:
+        objective = objective + c_f * inner_loss
     return outer.detach(), torch.autograd.grad(objective, list(lpn_params.values()))
 
 
 class LPNUpdate:
-    """P's whole update rule: the meta-gradients of ``accumulation_steps`` consecutive pairs are
-    summed, then ``phi <- phi - lr * g / max|g|`` with the max over all of P's gradients. A group
+    """P's whole update rule: the gradients of ``accumulation_steps`` consecutive pairs (each
+    weighed by ``pair_coefficients``) are summed, then ``phi <- phi - lr * g / max|g|`` with the max over all of P's gradients. A group
     cut short by the end of the epoch steps with what it has. ``pending`` (the partial sum, or
     None) is what a checkpoint must keep to resume mid-group."""
 

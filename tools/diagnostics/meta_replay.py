@@ -1,7 +1,7 @@
 """Replay one epoch's loss learning (stage 1) of a training run and watch P move.
 
     python -m tools.diagnostics.meta_replay --run exp/IVIF_full_schedule --epoch 6 [--pairs 150]
-        [--lpn_fusion_loss true] [--symmetric_lpn true]
+        [--meta_rule release|paper] [--lpn_fusion_loss true] [--symmetric_lpn true]
 
 Stage 1 changes only P; F and R stay as the previous epoch left them. So starting from the run's
 ``*_epoch<N-1>.pth`` weights (epoch 1: the seed's initial weights) and stepping through epoch N's
@@ -9,7 +9,7 @@ meta pairs with train.py's own ``Trainer.meta_round`` reproduces P's path throug
 ``LPN_epoch<N>.pth`` at its end. Every ``--every`` pairs it prints, on ``--probe`` fixed training
 patches, the first input's mean intensity and gradient weight in both source orders (a P that
 weights by position moves both orders the same way) and the mean outer loss so far. Overriding
-``--lpn_fusion_loss`` or ``--symmetric_lpn`` asks what that epoch would have done under the other
+``--meta_rule``, ``--lpn_fusion_loss`` or ``--symmetric_lpn`` asks what that epoch would have done under the other
 rule, from the same state and batches. Needs a run trained with ``--crop 0``: the crop windows of
 a later epoch depend on every draw before it, which no file keeps.
 """
@@ -24,13 +24,13 @@ from utils.tasks import TASKS
 
 
 def load_run_config(run):
-    """The run's config.json over train.py's defaults (keys added since it was written)."""
-    from train import default_config
+    """The run's config.json as train.py reads it on resume (keys added since it was written)."""
+    from train import saved_config
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"no config.json in {run}; is it a train.py run folder?")
     with open(path) as stream:
-        return {**default_config(), **json.load(stream)}
+        return saved_config(json.load(stream))
 
 
 def replay(trainer, epoch, pairs, every, probe, report):
@@ -38,12 +38,12 @@ def replay(trainer, epoch, pairs, every, probe, report):
     calling ``report(pairs_done, proposal_summary_rows, mean_outer_loss)`` every ``every`` pairs
     and at the end. Returns (pairs replayed, pairs in the whole stage)."""
     from train import loss_weights_at, lr_at
-    from utils.data import epoch_batches
+    from utils.data import epoch_batches, meta_pairs_per_epoch
     config = trainer.config
     trainer.epoch, trainer.stage, trainer.step = epoch - 1, "meta", 0
     trainer.lpn_update.pending = None
     batches = epoch_batches(len(trainer.pairs), config["batch_size"], config["seed"], epoch - 1)
-    stage = min(config["max_meta_step"], len(batches) - 1)
+    stage = meta_pairs_per_epoch(config["meta_rule"], len(batches), config["max_meta_step"])
     target = min(pairs, stage) if pairs else stage
     rate, lpn_rate = lr_at(config, epoch - 1), lr_at(config, epoch - 1, "lpn_lr")
     weights = loss_weights_at(config, epoch - 1)
@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=0, help="meta pairs to replay (0: the whole stage)")
     parser.add_argument("--every", type=int, default=50, help="report every this many pairs")
     parser.add_argument("--probe", type=int, default=16, help="training patches P's weights are read on")
+    parser.add_argument("--meta_rule", choices=("release", "paper"), help="override the run's rule")
     parser.add_argument("--lpn_fusion_loss", choices=("true", "false"), help="override the run's setting")
     parser.add_argument("--symmetric_lpn", choices=("true", "false"), help="override the run's setting")
     parser.add_argument("--data", help="training data (default: the run's config.json)")
@@ -92,6 +93,8 @@ def main():
                                 f"weights epoch {args.epoch - 1} left")
     overrides = {key: getattr(args, key) == "true" for key in ("lpn_fusion_loss", "symmetric_lpn")
                  if getattr(args, key) is not None}
+    if args.meta_rule:
+        overrides["meta_rule"] = args.meta_rule
     config.update(overrides, device=args.device, threads=args.threads)
     if args.data:
         config["data"] = args.data

@@ -6,8 +6,18 @@
 
 Parameters are ordinary ``nn.Parameter`` attributes read through ``self``, so
 ``torch.func.functional_call(net, params, x)`` runs a network with substituted parameters (the
-virtual steps of meta-learning). The blocks call the primitives of ``utils.kernels``, which pick
-fast exact kernels (channels-last oneDNN convolutions, strips, folded projections).
+virtual steps of meta-learning).
+
+Where the fast and the tiled paths hook in:
+
+* every convolution, the channel attention and the gated products are calls to the primitives of
+  ``utils.kernels``, which pick fast exact kernels (channels-last oneDNN convolutions, strips,
+  folded projections; ``utils/kernels/README.md``). ``REFUSION_PLAIN_KERNELS=1`` sends them all
+  to their plain lines (``utils/kernels/plain.py``); ``ReFusion_plain.py`` is the whole network
+  written the release's plain way.
+* the exact tiled evaluation of any image size (``utils.tiled``) enters through the attention
+  primitives alone (``head_attention`` / ``project_attended`` defer to its
+  ``ATTENTION_OVERRIDE``) and by running blocks tile by tile; nothing here changes for it.
 """
 import torch
 import torch.nn as nn

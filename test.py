@@ -93,7 +93,7 @@ def run(args):
     from utils.image import pair_images, write_png
     from utils.runtime import resolve_device
 
-    from utils.tiled import parse_size
+    from utils.runtime import parse_size
 
     jobs, untrained = plan_jobs(args)
     budget = parse_size(args.max_memory)

@@ -14,7 +14,7 @@ release's CPU timings (its code on 2 cores of an AMD EPYC, 2 threads). ``--max_m
 ``test.py`` does with that budget (exactly from tiles when the whole image does not fit; ``--whole``
 adds the whole-image forward in the same run). A shared host's speed drifts by tens of percent, so
 ``--baseline`` also times, right
-after ours and in the same run, the plain NCHW network of ``bench/release_style.py`` (same
+after ours and in the same run, the plain NCHW network of ``ReFusion_plain.py`` (same
 function, written the way the release is) twice: in a process with glibc's default allocator, as
 the release runs, and with the allocator settings our scripts use; the speed-up columns are then
 ratios taken in this one run. Output equality with the release is what tests/test_parity.py
@@ -43,7 +43,7 @@ def build(network):
     if network == "ours":
         from ReFusion import ReFusion
         return ReFusion()
-    from bench.release_style import PlainReFusion
+    from ReFusion_plain import PlainReFusion
     return PlainReFusion()
 
 
@@ -104,7 +104,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="warm calls timed (0: the first alone)")
     parser.add_argument("--baseline", action="store_true",
-                        help="also time bench/release_style.py's plain network in this run")
+                        help="also time ReFusion_plain.py's plain network in this run")
     parser.add_argument("--max_memory", help="fuse as test.py --max_memory SIZE does (tiles when the "
                         "whole image does not fit)")
     parser.add_argument("--whole", action="store_true",
@@ -115,7 +115,7 @@ def main():
 
     if args.child:
         height, width = map(int, args.child.split("x"))
-        from utils.tiled import parse_size
+        from utils.runtime import parse_size
         print(json.dumps(measure(height, width, args.device, args.repeat, args.threads,
                                  args.network, args.max_memory and parse_size(args.max_memory))))
         return

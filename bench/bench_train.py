@@ -8,7 +8,7 @@ meta pair (inner + outer, with P and R); one whole stage-2 step (F and R Adam st
 are medians over --repeat runs after one warm-up; peak RSS is for the process.
 The release's figures (its code on 2 cores of an AMD EPYC, 2 threads, same input) are printed next
 to ours. Because a host's speed drifts, the first two pieces are also compared with the plain
-NCHW network of bench/release_style.py (same function, written the release's way) in --rounds
+NCHW network of ReFusion_plain.py (same function, written the release's way) in --rounds
 interleaved rounds: each round times ours, the plain network in this process (our allocator
 settings) and the plain network in a child process with glibc's defaults (as the release runs),
 one after the other; the ratios are taken per round and their median is reported.
@@ -59,7 +59,7 @@ def main():
 
     import torch
 
-    from bench.release_style import PlainReFusion
+    from ReFusion_plain import PlainReFusion
     from ReFusion import LPN, ReFusion, ReN
     from utils.meta import LossWeights, exchange, fusion_step, lpn_meta_gradient
     from utils.losses import fusion_loss
@@ -216,7 +216,7 @@ def time_training_rounds(args):
     import torch
 
     import train
-    from utils.data import epoch_batches
+    from utils.data import epoch_batches, meta_pairs_per_epoch
     from utils.distributed import join
     from utils.runtime import resolve_device
 
@@ -226,7 +226,7 @@ def time_training_rounds(args):
     world = join(resolve_device(args.device), 600)
     trainer = train.Trainer(config, world=world)
     batches = epoch_batches(len(trainer.pairs), args.pairs, 0, 0)
-    weights, rate = trainer.loss_weights(), config["lr"]
+    weights, rate = train.loss_weights_at(config, 0), config["lr"]
 
     def seconds(fn, until):
         world.max_of([0])  # start together
@@ -238,7 +238,7 @@ def time_training_rounds(args):
         world.max_of([0])
         return time.perf_counter() - start
 
-    meta_pairs = len(batches) - 1
+    meta_pairs = meta_pairs_per_epoch(config["meta_rule"], len(batches), len(batches))
 
     def meta():
         trainer.meta_round(batches, meta_pairs, rate, rate, weights)

@@ -107,3 +107,44 @@ def test_forward_mode_derivatives_are_not_dropped_by_the_fused_kernels():
         with forward_ad.dual_level():
             ours = forward_ad.unpack_dual(fn(x, forward_ad.make_dual(weight, tangent))).tangent
         assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+PLAIN_PROBE = """
+import sys, torch
+from ReFusion import LPN, ReFusion, ReN
+from utils.kernels import PLAIN
+torch.manual_seed(0)
+x = torch.rand(2, 2, 40, 36)
+out = {"plain": PLAIN}
+for net in (ReFusion(), LPN(), ReN()):
+    name = type(net).__name__
+    inputs = x[:, :1] if name == "ReN" else x
+    with torch.no_grad():
+        first = net(inputs)
+        out[name] = first[0] if isinstance(first, tuple) else first
+    loss = sum(t.square().mean() for t in ((net(inputs),) if name != "LPN" else net(inputs)))
+    out[name + "_grads"] = torch.autograd.grad(loss, list(net.parameters()))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_plain_kernel_switch_gives_the_same_networks(tmp_path):
+    """``REFUSION_PLAIN_KERNELS=1`` sends every primitive to its plain lines: F's, P's and R's
+    outputs and parameter gradients equal the fast path's to 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    results = {}
+    for plain in ("0", "1"):
+        path = tmp_path / f"{plain}.pt"
+        subprocess.run([sys.executable, "-c", PLAIN_PROBE, str(path)], cwd=ROOT, check=True,
+                       env={**os.environ, "REFUSION_PLAIN_KERNELS": plain})
+        results[plain] = torch.load(path)
+    fast, plain = results["0"], results["1"]
+    assert not fast["plain"] and plain["plain"]
+    for name in ("ReFusion", "LPN", "ReN"):
+        assert (fast[name] - plain[name]).abs().max() <= 1e-5
+        for a, b in zip(fast[name + "_grads"], plain[name + "_grads"]):
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())

@@ -51,8 +51,8 @@ def assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, we
 def test_float32_forward_mode_product_of_f_matches_the_plain_network():
     """P's meta-gradient rests on F's Jacobian-vector product; in float32 on CPU F's layers have
     fused inference kernels that must not be used for it (they dropped a quarter of it once).
-    bench/release_style.py's network, built only from PyTorch's own layers, is the reference."""
-    from bench.release_style import PlainReFusion
+    ReFusion_plain.py's network, built only from PyTorch's own layers, is the reference."""
+    from ReFusion_plain import PlainReFusion
     torch.manual_seed(0)
     fusion = ReFusion()
     plain = PlainReFusion()

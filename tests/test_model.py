@@ -85,9 +85,9 @@ def test_strips_give_the_same_result_as_one_pass(monkeypatch):
 
 @pytest.mark.parametrize("size", [(1, 1), (23, 37)])
 def test_plain_release_style_network_computes_the_same_function(size):
-    """bench/release_style.py is the speed baseline; a baseline that computed something else
+    """ReFusion_plain.py is the speed baseline; a baseline that computed something else
     would make its speed-up meaningless."""
-    from bench.release_style import PlainReFusion
+    from ReFusion_plain import PlainReFusion
     model, x = random_model(), torch.rand(2, 2, *size)
     plain = PlainReFusion().eval()
     plain.load_state_dict(model.state_dict())

@@ -93,18 +93,19 @@ def trainer_for(patch_file, tmp_path, accumulation_steps, rule="release"):
     return train_script.Trainer(config, str(tmp_path))
 
 
-def train_py_group(trainer):
+def train_py_group(trainer, monkeypatch):
     """Stage 1 of epoch 1 up to the first P step, through ``Trainer.meta_round``; returns P's
     parameters after it and the batches consumed (in order)."""
     from utils.data import epoch_batches, meta_pairs_per_epoch
     c = trainer.config
     batches = epoch_batches(len(trainer.pairs), c["batch_size"], c["seed"], 0)
     pairs = meta_pairs_per_epoch(c["meta_rule"], len(batches), c["max_meta_step"])
-    consumed, batch = [], trainer.batch
-    trainer.batch = lambda indices, window: consumed.append(indices.tolist()) or batch(indices, window)
+    consumed, make_batch = [], train_script.make_batch
+    monkeypatch.setattr(train_script, "make_batch",
+                        lambda pairs, indices, *a: consumed.append(indices.tolist()) or make_batch(pairs, indices, *a))
     rate = train_script.lr_at(c, 0)
     while trainer.step < c["accumulation_steps"]:
-        trainer.meta_round(batches, pairs, rate, train_script.lr_at(c, 0, "lpn_lr"), trainer.loss_weights())
+        trainer.meta_round(batches, pairs, rate, train_script.lr_at(c, 0, "lpn_lr"), train_script.loss_weights_at(trainer.config, 0))
     assert trainer.lpn_update.pending is None  # P has just stepped
     return [p.detach().clone() for p in trainer.lpn.parameters()], consumed, batches
 
@@ -114,12 +115,12 @@ def largest_difference(a, b):
 
 
 @pytest.mark.parametrize("accumulation_steps", [2, 3])
-def test_p_steps_as_the_release_loop(patch_file, tmp_path, accumulation_steps):
+def test_p_steps_as_the_release_loop(patch_file, tmp_path, accumulation_steps, monkeypatch):
     trainer = trainer_for(patch_file, tmp_path, accumulation_steps)
     nets = copy.deepcopy((trainer.fusion, trainer.recon, trainer.lpn))
     before = [p.detach().clone() for p in trainer.lpn.parameters()]
-    ours, consumed, batches = train_py_group(trainer)
-    lr, weights = train_script.lr_at(trainer.config, 0), trainer.loss_weights()
+    ours, consumed, batches = train_py_group(trainer, monkeypatch)
+    lr, weights = train_script.lr_at(trainer.config, 0), train_script.loss_weights_at(trainer.config, 0)
     # the release walks the shuffled loader: two fresh batches a pair, in order
     assert consumed == [b.tolist() for b in batches[:2 * accumulation_steps]]
     data = [trainer.pairs[b].float() / 255 for b in batches[:2 * accumulation_steps]]
@@ -133,26 +134,26 @@ def test_p_steps_as_the_release_loop(patch_file, tmp_path, accumulation_steps):
     assert largest_difference(kept, release) > 100 * largest_difference(ours, release)
 
 
-def test_one_pair_groups_keep_only_the_meta_term(patch_file, tmp_path):
+def test_one_pair_groups_keep_only_the_meta_term(patch_file, tmp_path, monkeypatch):
     """With accumulation_steps 1 the release zeroes every L_f term: the meta-gradient alone, on
     fresh batches, as the paper's rule takes it on chained ones."""
     from utils.meta import pair_coefficients
-    weights = trainer_for(patch_file, tmp_path, 1).loss_weights()
+    weights = train_script.loss_weights_at(trainer_for(patch_file, tmp_path, 1).config, 0)
     assert [pair_coefficients(weights, k, 1) for k in range(3)] == [(1.0, 0.0)] * 3
     trainer = trainer_for(patch_file, tmp_path, 1)
     nets = copy.deepcopy((trainer.fusion, trainer.recon, trainer.lpn))
-    ours, consumed, batches = train_py_group(trainer)
+    ours, consumed, batches = train_py_group(trainer, monkeypatch)
     data = [trainer.pairs[b].float() / 255 for b in batches[:2]]
     release = release_group(*nets, data, 1, train_script.lr_at(trainer.config, 0), weights)
     assert largest_difference(ours, release) <= 1e-5 * LR
 
 
-def test_paper_rule_chains_batches_and_learns_from_reconstruction(patch_file, tmp_path):
+def test_paper_rule_chains_batches_and_learns_from_reconstruction(patch_file, tmp_path, monkeypatch):
     trainer = trainer_for(patch_file, tmp_path, 2, rule="paper")
-    _, consumed, batches = train_py_group(trainer)
+    _, consumed, batches = train_py_group(trainer, monkeypatch)
     assert consumed == [b.tolist() for b in (batches[0], batches[1], batches[1], batches[2])]
     from utils.meta import pair_coefficients
-    assert [pair_coefficients(trainer.loss_weights(), k, 2) for k in range(4)] == [(1.0, 0.0)] * 4
+    assert [pair_coefficients(train_script.loss_weights_at(trainer.config, 0), k, 2) for k in range(4)] == [(1.0, 0.0)] * 4
 
 
 def test_meta_rule_is_checked_and_recorded(patch_file, tmp_path, capsys):

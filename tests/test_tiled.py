@@ -10,7 +10,9 @@ import torch
 from conftest import ROOT, needs_reference, release_weights
 from ReFusion import ReFusion
 from utils.checkpoint import load_weights
-from utils.tiled import HALO, fuse, fuse_tiled, parse_size, plan
+from utils.runtime import parse_size
+from utils.tiled import HALO, fuse, fuse_tiled, plan
+import utils.runtime
 import utils.tiled
 from utils.tasks import TASKS
 
@@ -91,7 +93,7 @@ def test_available_memory_on_each_kind_of_device(monkeypatch):
     if os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as stream:
             line = next(l for l in stream if l.startswith("MemAvailable:"))
-        assert abs(utils.tiled.available_memory(cpu) - int(line.split()[1]) * 1024) < 2 ** 30
+        assert abs(utils.runtime.available_memory(cpu) - int(line.split()[1]) * 1024) < 2 ** 30
     import io
     import resource
     real_open, files = open, {"/proc/meminfo": None}
@@ -107,20 +109,20 @@ def test_available_memory_on_each_kind_of_device(monkeypatch):
     for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         files[cgroup] = None
     half = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    assert utils.tiled.available_memory(cpu) == half
+    assert utils.runtime.available_memory(cpu) == half
     # a container's cgroup limit (v2) bounds it: limit less usage
     files.update({"/sys/fs/cgroup/memory.max": "2147483648\n", "/sys/fs/cgroup/memory.current": "536870912\n"})
-    assert utils.tiled.available_memory(cpu) == min(half, 3 * 2 ** 29)
+    assert utils.runtime.available_memory(cpu) == min(half, 3 * 2 ** 29)
     files["/sys/fs/cgroup/memory.max"] = "max\n"  # no limit
-    assert utils.tiled.available_memory(cpu) == half
+    assert utils.runtime.available_memory(cpu) == half
     # so does ulimit -v: the limit less the address space in use
     with real_open("/proc/self/status") as stream:
         used = next(int(l.split()[1]) * 1024 for l in stream if l.startswith("VmSize:"))
     monkeypatch.setattr(resource, "getrlimit", lambda which: (used + 2 ** 30, resource.RLIM_INFINITY))
-    assert abs(utils.tiled.available_memory(cpu) - 2 ** 30) < 2 ** 28
+    assert abs(utils.runtime.available_memory(cpu) - 2 ** 30) < 2 ** 28
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 * 2 ** 30)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 5 * 2 ** 30)
-    assert utils.tiled.available_memory(torch.device("mps")) == 7 * 2 ** 30
+    assert utils.runtime.available_memory(torch.device("mps")) == 7 * 2 ** 30
 
 
 @pytest.mark.parametrize("text, size", [("512MB", 512 * 2 ** 20), ("4GB", 4 * 2 ** 30), ("1.5g", int(1.5 * 2 ** 30)),

@@ -88,25 +88,18 @@ def weights(run_dir):
 
 
 def interrupt_at_meta_pair(monkeypatch, count):
-    """Ctrl-C (as ``stop_reason``) once the ``count``-th meta pair of the next run starts; with
-    TINY's 3 pairs per epoch, 4 stops epoch 2's stage 1 after its first pair. Returns the original
-    ``lpn_meta_gradient`` to put back before resuming."""
-    from utils import meta
-    calls, holder = {"n": 0}, {}
-    original, original_init = meta.lpn_meta_gradient, train_script.Trainer.__init__
-
-    def remember(self, *a, **k):
-        original_init(self, *a, **k)
-        holder["trainer"] = self
+    """Ctrl-C (a real SIGINT to this process) once the ``count``-th meta pair of the next run
+    starts; with TINY's 3 pairs per epoch, 4 stops epoch 2's stage 1 after its first pair.
+    Returns the original ``lpn_meta_gradient`` to put back before resuming."""
+    calls, original = {"n": 0}, train_script.lpn_meta_gradient
 
     def interrupt(*a, **k):
         calls["n"] += 1
         if calls["n"] == count:
-            holder["trainer"].stop_reason = "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
         return original(*a, **k)
 
-    monkeypatch.setattr(train_script.Trainer, "__init__", remember)
-    monkeypatch.setattr(meta, "lpn_meta_gradient", interrupt)
+    monkeypatch.setattr(train_script, "lpn_meta_gradient", interrupt)
     return original
 
 
@@ -130,7 +123,6 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
                              "--out", str(tmp_path / "fused")]) == 0
 
     # interrupted in epoch 2 during stage 1 (after the first of two accumulated pairs), then resumed
-    from utils import meta
     original = interrupt_at_meta_pair(monkeypatch, 4)
     part_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "part")])
     assert not finished
@@ -143,7 +135,7 @@ def test_train_then_fuse_and_resume_is_bit_exact(patches, tmp_path, monkeypatch)
     state = torch.load(os.path.join(part_dir, "checkpoint.pt"), weights_only=True)
     assert (state["epoch"], state["stage"], state["step"]) == (1, "meta", 1)
     assert state["lpn_grads"] is not None  # mid-accumulation gradients are kept
-    monkeypatch.setattr(meta, "lpn_meta_gradient", original)
+    monkeypatch.setattr(train_script, "lpn_meta_gradient", original)
     resumed_dir, finished, _ = train_script.train(["--resume", os.path.join(part_dir, "checkpoint.pt")])
     assert finished and resumed_dir == part_dir
     full, resumed = weights(full_dir), weights(part_dir)
@@ -280,7 +272,7 @@ def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     for text, value in (("true", True), ("0", False), ("No", False)):
         config = train_script.parse_config(["--data", str(data), f"--{key}", text])
         assert config[key] is value
-        assert getattr(train_script.Trainer(config, str(tmp_path)).loss_weights(), field) is value
+        assert getattr(train_script.loss_weights_at(config, 0), field) is value
     with pytest.raises(SystemExit):
         train_script.parse_config([f"--{key}", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
@@ -358,13 +350,12 @@ def test_lpn_swap_retrains_f_under_another_epochs_p(patches, tmp_path, monkeypat
     weights, an epoch without a next one and an existing output are one-line errors."""
     root, data = patches
     args = TINY + ["--data", str(data), "--crop", "0", "--threads", "1"]
-    from utils import meta
     original = interrupt_at_meta_pair(monkeypatch, 4)
     run_dir, finished, _ = train_script.train(args + ["--exp_dir", str(tmp_path / "run")])
     assert not finished
     snapshot = tmp_path / "snapshot"
     shutil.copytree(run_dir, snapshot)  # checkpoint.pt in epoch 2's stage 1
-    monkeypatch.setattr(meta, "lpn_meta_gradient", original)
+    monkeypatch.setattr(train_script, "lpn_meta_gradient", original)
     assert train_script.train(["--resume", os.path.join(run_dir, "checkpoint.pt")])[1]
     shutil.copy(os.path.join(run_dir, "LPN_epoch2.pth"), snapshot)
     datasets = tmp_path / "datasets"

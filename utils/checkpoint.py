@@ -1,6 +1,8 @@
-"""Loading and saving weights with clear errors, and atomic writes."""
+"""Loading and saving weights with clear errors, atomic writes, and a training run's folder and
+checkpoint."""
 import os
 import pickle
+import time
 import warnings
 import zipfile
 
@@ -69,3 +71,65 @@ def load_weights(network, path, hint=""):
         raise CheckpointError(f"checkpoint {path} does not hold {type(network).__name__} weights "
                               f"of this configuration: {'; '.join(detail)}") from None
     return network
+
+
+# -- a training run's checkpoint.pt (its format: ARCHITECTURE.md) --------------------------------
+RUN_PARTS = ("fusion", "recon", "lpn", "opt_fusion", "opt_recon")
+
+
+def run_state(run, seconds, rank_rngs):
+    """checkpoint.pt's dict for ``run`` (``train.Trainer``): everything needed to resume bit for
+    bit. ``seconds``: the current epoch's wall time so far; ``rank_rngs``: every rank's torch
+    generator state."""
+    return {"config": run.config, "epoch": run.epoch, "stage": run.stage, "step": run.step,
+            **{part: getattr(run, part).state_dict() for part in RUN_PARTS},
+            "lpn_grads": run.lpn_update.pending, "sums": dict(run.sums, seconds=seconds),
+            "crop_rng": run.crop_rng.get_state(), "torch_rng": rank_rngs[0],
+            **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {})}
+
+
+def save_run(run, seconds):
+    """``run``'s checkpoint.pt in its ``run_dir``, written by rank 0 of its world; every rank must
+    call this, since it gathers their generators."""
+    rank_rngs = run.world.gather(torch.get_rng_state())
+    if run.world.main:
+        save_atomic(run_state(run, seconds, rank_rngs), os.path.join(run.run_dir, "checkpoint.pt"))
+
+
+def restore_run(run, state, rank, size, fresh_seed):
+    """Put checkpoint.pt's ``state`` back into ``run``, and rank ``rank``'s torch generator; a run
+    resumed by another number of processes seeds each rank's generator with ``fresh_seed``."""
+    run.epoch, run.stage, run.step = state["epoch"], state["stage"], state["step"]
+    for part in RUN_PARTS:
+        getattr(run, part).load_state_dict(state[part])
+    run.lpn_update.pending = state["lpn_grads"]
+    run.sums = state["sums"]
+    run.crop_rng.set_state(state["crop_rng"])
+    rank_rngs = state.get("rank_rngs", [state["torch_rng"]])
+    if len(rank_rngs) == size:
+        torch.set_rng_state(rank_rngs[rank])
+    else:
+        torch.manual_seed(fresh_seed)
+
+
+def new_run_dir(exp_dir):
+    """A new ``<exp_dir>/<YYYYmmdd_HHMMSS>[_N]`` folder."""
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    path, n = os.path.join(exp_dir, stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(exp_dir, f"{stamp}_{n}")
+    os.makedirs(path)
+    return path
+
+
+def save_samples(fusion, pairs, device, path, count=4):
+    """Rows of source A | source B | F's result for the first ``count`` training pairs, as a PNG."""
+    from utils.image import write_png
+    sources = pairs[:count].to(device, torch.float32) / 255
+    with torch.no_grad():
+        fused = fusion.eval()(sources)
+    fusion.train()
+    rows = torch.cat([sources[:, :1], sources[:, 1:], fused], dim=3)  # (n,1,P,3P)
+    write_png(path, (rows.flatten(0, 2) * 255).round().byte().cpu().numpy())
+

@@ -84,6 +84,11 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
+    def share(self, batch):
+        """This rank's equal slice of a global batch (the whole batch in a world of one)."""
+        size = len(batch) // self.size
+        return batch[self.rank * size:(self.rank + 1) * size]
+
     def wrap(self, module):
         """``module`` as DistributedDataParallel (gradients averaged over the ranks in backward);
         the module itself in a world of one."""

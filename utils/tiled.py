@@ -18,12 +18,12 @@ memory budget allows, so that a later sweep starts from it instead of from the i
 stretch of the output (``utils.image.stretch``) is applied to the whole image afterwards, as for
 a whole-image forward.
 """
-import os
 import weakref
 
 import torch
 
 from utils.kernels.attention import ATTENTION_OVERRIDE
+from utils.runtime import available_memory
 
 # 3x3 convolutions on the path from input to output: the stem, two per transformer block (q, k, v
 # and the feed-forward's depthwise) in two encoder and two decoder blocks, two in the merge and
@@ -183,75 +183,6 @@ def fuse_tiled(model, x, tile, halo=HALO, keep=True):
                 del block.forward
         known.update(sweep.matrices())
     return out
-
-
-def parse_size(text):
-    """``"512MB"``, ``"4GB"``, ``"1.5G"``, ``"800M"`` or bytes -> bytes; ``"auto"`` -> None."""
-    import re
-
-    from utils.errors import UserError
-    text = str(text).strip()
-    if text.lower() == "auto":
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?", text.lower())
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"cannot read memory size '{text}': use e.g. 512MB, 4GB or auto")
-    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
-
-
-def available_memory(device):
-    """Bytes a forward may use now: free memory on a CUDA device; on MPS, what Metal recommends
-    for this process less what the driver holds; on the CPU, the system's available memory
-    (Linux's MemAvailable, elsewhere half the physical memory) within this process's own limits
-    (address space, cgroup), or None where none can be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "mps":
-        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    system = _read_meminfo("/proc/meminfo", "MemAvailable:")
-    if system is None:
-        try:  # macOS and other Unix systems without /proc/meminfo
-            system = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-            pass
-    known = [b for b in (system, *_process_limits()) if b is not None]
-    return max(0, min(known)) if known else None
-
-
-def _read_meminfo(path, key):
-    """The ``key: N kB`` line of a /proc file in bytes, or None."""
-    try:
-        with open(path) as stream:
-            for line in stream:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _process_limits():
-    """Bytes left under this process's address-space limit (``ulimit -v``) and its cgroup's
-    memory limit (containers, SLURM), where they are set."""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY:
-            used = _read_meminfo("/proc/self/status", "VmSize:")
-            yield soft - (used or 0)
-    except ImportError:  # Windows
-        pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit) as a, open(usage) as b:
-                limit_bytes, usage_bytes = int(a.read()), int(b.read())
-        except (OSError, ValueError):  # absent, or "max": no limit
-            continue
-        if limit_bytes < 1 << 60:  # cgroup v1 writes "no limit" as a huge number
-            yield limit_bytes - usage_bytes
-        return
 
 
 def margined_pixels(height, width, tile):

@@ -1,15 +1,18 @@
-"""The fusion network written the plain way, as a speed baseline measured in the same run.
+"""The fusion network F written the plain way: the release's style, next to ``ReFusion.py``.
 
 Same function and parameter names as ``ReFusion.ReFusion`` (it loads the same state dicts), but
-in the style of the authors' release: default NCHW layout, every 1x1 and depthwise convolution an
+as the authors' release writes it: default NCHW layout, every 1x1 and depthwise convolution an
 ``nn.Conv2d``, the channel LayerNorm computed by moving channels last and back, q/k/v split from
-one tensor. ``bench/bench_inference.py --baseline`` times it next to ours in one process, so the
-speed-up is a ratio taken on the same machine at the same moment rather than against a figure
-measured elsewhere; tests/test_model.py checks that both compute the same outputs.
+one tensor. It is the reference that reads like the paper and the speed baseline:
+``bench/bench_inference.py --baseline`` times it next to ``ReFusion`` in one process, and
+tests/test_model.py checks that both compute the same outputs. (``REFUSION_PLAIN_KERNELS=1``
+instead keeps ``ReFusion`` and sends its primitives to their plain lines, ``utils/kernels/plain.py``.)
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.kernels.plain import head_attention
 
 
 def conv(in_channels, out_channels, kernel_size, groups=1):
@@ -38,13 +41,8 @@ class PlainLayerNorm(nn.Module):
 def attend(q, k, v, temperature):
     """Transposed attention over channels; q, k, v ``(B,C,H,W)`` -> ``(B,C,H,W)``."""
     batch, channels, height, width = v.shape
-    heads = temperature.shape[0]
-
-    def split(t):
-        return t.reshape(batch, heads, channels // heads, height * width)
-
-    attn = F.normalize(split(q), dim=-1) @ F.normalize(split(k), dim=-1).transpose(-2, -1)
-    out = torch.softmax(attn * temperature, dim=-1) @ split(v)
+    attn = head_attention(q, k, temperature)  # (B, heads, c, c)
+    out = attn @ v.reshape(batch, attn.shape[1], channels // attn.shape[1], height * width)
     return out.reshape(batch, channels, height, width)
 
 

@@ -105,7 +105,7 @@ def score(img1, img2, methods, names=None, jobs=1, progress=False):
 
     Returns ``(per_pair, errors, missing)``: ``{stem: {method: {metric: value}}}`` for the pairs
     that every method fused and scored, ``{stem: [error lines]}`` for the pairs that failed, and
-    ``{method: [stems it lacks]}``. ``jobs`` processes score pairs in parallel (0: one per core).
+    ``{method: [stems it lacks]}``, with ``None: [source pairs no method fused]``. ``jobs`` processes score pairs in parallel (0: one per core).
     """
     from tqdm import tqdm
 
@@ -116,6 +116,7 @@ def score(img1, img2, methods, names=None, jobs=1, progress=False):
     fused = fused_images(methods, sources)
     fused_stems = sorted(set().union(*fused.values()))
     missing = {m: sorted(set(fused_stems) - set(images)) for m, images in fused.items()}
+    missing[None] = sorted(set(sources) - set(fused_stems))
     missing = {m: stems for m, stems in missing.items() if stems}
     single = len(methods) == 1
     tasks = [(stem, *sources[stem], {("" if single else m): fused[m][stem] for m in fused if stem in fused[m]},
@@ -269,8 +270,12 @@ def report(args):
     per_pair, errors, missing = score(args.img1, args.img2, methods, names, args.jobs,
                                       progress=sys.stderr.isatty())
     for method, stems in missing.items():
-        print(f"note: {method} lacks {len(stems)} pair(s), left out of every mean: {', '.join(stems)}",
-              file=sys.stderr)
+        shown = ", ".join(stems[:10]) + (f" and {len(stems) - 10} more" if len(stems) > 10 else "")
+        if method is None:
+            print(f"note: {len(stems)} of the source pairs have no fused image and are not scored: {shown}",
+                  file=sys.stderr)
+        else:
+            print(f"note: {method} lacks {len(stems)} pair(s), left out of every mean: {shown}", file=sys.stderr)
     for lines in errors.values():
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
@@ -303,7 +308,8 @@ def report(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Score fused images (EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, CC, PSNR, MSE), "
-                    "one method or several side by side.")
+                    "one method or several side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--img1", required=True, help="folder of first sources (e.g. infrared)")
     parser.add_argument("--img2", required=True, help="folder of second sources (e.g. visible)")
     parser.add_argument("--fused", required=True, nargs="+", metavar="NAME=DIR",
@@ -314,7 +320,7 @@ def main(argv=None):
     parser.add_argument("--figure", help="write a qualitative figure (PNG): sources and each method's result")
     parser.add_argument("--pairs", help="comma-separated pair names for --figure (default: the first 3)")
     parser.add_argument("--zoom", help="x,y,w,h: a region of every pair to magnify as an inset in --figure")
-    parser.add_argument("--jobs", type=int, default=0, help="processes scoring in parallel (default 0: one per core)")
+    parser.add_argument("--jobs", type=int, default=0, help="processes scoring in parallel (0: one per core)")
     args = parser.parse_args(argv)
     from utils.errors import run_script
     return run_script(lambda: report(args))

@@ -37,16 +37,21 @@ class UsageError(UserError):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Fuse image pairs with ReFusion.")
-    parser.add_argument("--task", default=task, choices=[*TASKS, "all"])
-    parser.add_argument("--img1", default=path_img1, help="first source: image file or folder")
-    parser.add_argument("--img2", default=path_img2, help="second source: image file or folder")
-    parser.add_argument("--model", default=path_model, help="ReFusion weights (.pth)")
-    parser.add_argument("--out", default=path_result, help="result folder")
+    parser = argparse.ArgumentParser(description="Fuse image pairs with ReFusion.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", default=task, choices=[*TASKS, "all"],
+                        help="which model and bundled test cases; all: every task on its test cases")
+    parser.add_argument("--img1", default=path_img1,
+                        help="first source: image file or folder (None: test_cases/<task>/<first source>)")
+    parser.add_argument("--img2", default=path_img2,
+                        help="second source: image file or folder (None: test_cases/<task>/<second source>)")
+    parser.add_argument("--model", default=path_model,
+                        help="ReFusion weights (.pth; None: models/ReFusion_<task>.pth)")
+    parser.add_argument("--out", default=path_result, help="result folder (None: test_results/<task>)")
     parser.add_argument("--device", default=device, help="auto | cpu | cuda | mps")
     parser.add_argument("--max_memory", default=max_memory,
-                        help="memory the network may use, e.g. 512MB or 4GB (auto: what is available); "
-                             "larger images are fused exactly in tiles")
+                        help="memory the network may use, e.g. 512MB or 4GB (a bare number is bytes; "
+                             "auto: what is available); larger images are fused exactly in tiles")
     return parser.parse_args(argv)
 
 
@@ -84,37 +89,86 @@ def plan_jobs(args):
     return ready, [job[0] for job in untrained]
 
 
+def checked_pairs(pairs):
+    """Every pair decoded once before any is fused: ``(good pairs, error lines of the bad ones)``."""
+    from utils.fuse import check_sizes
+    from utils.image import decode
+    good, bad = [], []
+    for stem, path1, path2 in pairs:
+        try:
+            check_sizes(path1, path2, decode(path1), decode(path2))
+            good.append((stem, path1, path2))
+        except UserError as error:
+            bad.append(f"{stem}: {error}")
+    return good, bad
+
+
+def check_writable(folder):
+    """Make ``folder`` and check that a file can be written there, before any work is done."""
+    import tempfile
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write to {folder}: {error.strerror or error}") from None
+
+
+def write_result(out, stem, grey, rgb):
+    """Gray/<stem>.png and, for a colour pair, RGB/<stem>.png; never one without the other."""
+    from utils.image import write_png
+    gray_path = os.path.join(out, "Gray", f"{stem}.png")
+    write_png(gray_path, grey)
+    if rgb is not None:
+        try:
+            write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
+        except BaseException:
+            os.remove(gray_path)
+            raise
+
+
 def run(args):
     from tqdm import tqdm
 
     from ReFusion import ReFusion
     from utils.checkpoint import load_weights
     from utils.fuse import FusionOutOfMemory, fuse_pair
-    from utils.image import pair_images, write_png
-    from utils.runtime import resolve_device
-
-    from utils.runtime import parse_size
+    from utils.image import pair_images
+    from utils.runtime import parse_size, resolve_device
+    from utils.tiled import LEAST_BUDGET, LEAST_TILE
 
     jobs, untrained = plan_jobs(args)
     budget = parse_size(args.max_memory)
+    if budget is not None and budget < LEAST_BUDGET:
+        raise UsageError(f"--max_memory {args.max_memory} ({budget} bytes) is less than one "
+                         f"{LEAST_TILE} px tile needs: give at least {-(-LEAST_BUDGET // 2 ** 20)}MB")
     target = resolve_device(args.device)
+    failures = 0
     for name, img1, img2, model_path, out in jobs:
         pairs = pair_images(img1, img2)
-        model = load_weights(ReFusion(), model_path, MODEL_HINT).to(target).eval()
-        colour = 0
-        for stem, path1, path2 in tqdm(pairs, desc=name, unit="pair"):
-            try:
-                grey, rgb = fuse_pair(model, path1, path2, target, budget)
-            except FusionOutOfMemory as error:
-                raise UsageError(f"{stem}: {error}") from None
-            write_png(os.path.join(out, "Gray", f"{stem}.png"), grey)
-            if rgb is not None:
-                write_png(os.path.join(out, "RGB", f"{stem}.png"), rgb)
-                colour += 1
-        print(f"{name}: fused {len(pairs)} pairs ({colour} in colour) -> {out}")
+        good, bad = checked_pairs(pairs)
+        for line in bad:
+            print(f"error: {line}", file=sys.stderr)
+        fused = colour = 0
+        if good:
+            check_writable(os.path.join(out, "Gray"))
+            model = load_weights(ReFusion(), model_path, MODEL_HINT).to(target).eval()
+            for stem, path1, path2 in tqdm(good, desc=name, unit="pair"):
+                try:
+                    grey, rgb = fuse_pair(model, path1, path2, target, budget)
+                except (FusionOutOfMemory, UserError) as error:
+                    bad.append(stem)
+                    tqdm.write(f"error: {stem}: {error}", file=sys.stderr)
+                    continue
+                write_result(out, stem, grey, rgb)
+                fused, colour = fused + 1, colour + (rgb is not None)
+        failures += len(bad)
+        print(f"{name}: fused {fused} of {len(pairs)} pairs ({colour} in colour)"
+              + (f", {len(bad)} failed" if bad else "") + f" -> {out}")
     if untrained:
         models = ", ".join(os.path.relpath(os.path.join(ROOT, "models", f"ReFusion_{t}.pth")) for t in untrained)
         raise UsageError(f"no model for {', '.join(untrained)}: {models} not found ({MODEL_HINT})")
+    return 1 if failures else 0
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ReFusion import LPN, ReFusion, ReN
+from utils.atomic import write_bytes_atomic
 from utils.checkpoint import (new_run_dir, read_checkpoint, restore_run, save_run, save_samples,
                               save_weights)
 from utils.config import parse_config as config_from_flags
@@ -46,8 +47,8 @@ _BEFORE_CONFIG = set(globals())
 # Edit these, or override any of them with --key value. Defaults: the release's schedule.
 data = "data/IVIF_train.h5"   # .h5 from data/img2patch.py, or a folder of <n>/img_1.png, img_2.png
 task = "IVIF"                 # recorded in config.json; IVIF | MIF | MFIF | MEIF
-epochs = 50
-batch_size = 2
+epochs = 50                   # epochs, each stage 1 (P) then stage 2 (F and R)
+batch_size = 2                # patch pairs per batch (the global batch under torchrun)
 lr = 1e-4                     # F and R (Adam), P (normalised gradient step); also the virtual-step size
 lpn_lr = 0.0                  # P's step size when > 0 (0: lr, as the release); same StepLR decay
 meta_rule = "release"         # P's update: "release" (its code: meta + L_f terms, fresh batch pairs) | "paper"
@@ -55,23 +56,23 @@ symmetric_lpn = False         # P's two source orders averaged: no favouring an 
 lpn_fusion_loss = False       # with --meta_rule paper: P also descends every pair's inner fusion loss
 lr_step = 10                  # StepLR for all three (P: see lpn_lr_step): lr * lr_gamma ** (epoch // lr_step)
 lpn_lr_step = 0               # P's own StepLR step when > 0 (0: lr_step), e.g. to stop P early, not F
-lr_gamma = 0.1
+lr_gamma = 0.1                # StepLR's factor
 max_meta_step = 600           # stage 1: meta pairs per epoch (at most what the epoch's batches give)
 accumulation_steps = 2        # stage 1: outer batches per update of P
 max_fusion_steps = 0          # stage 2: batches per epoch (0: one full pass)
 crop = 0                      # random crop of each batch to crop x crop (0: whole patches)
 c_int = 1.0                   # fusion loss: intensity weight
 c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1)/epochs
-recon_c_int = 1.0             # reconstruction loss weights
-recon_c_grad = 1.0
-recon_dim = 16                # R's width (ReN's dim, a multiple of 8) ...
-recon_blocks = 2              # ... and transformer blocks: its capacity and receptive field
+recon_c_int = 1.0             # reconstruction loss: intensity weight
+recon_c_grad = 1.0            # reconstruction loss: gradient weight
+recon_dim = 16                # R's width (a multiple of 8): its capacity
+recon_blocks = 2              # R's transformer blocks: its capacity and receptive field
 device = "auto"               # auto | cpu | cuda | mps
 threads = 0                   # CPU threads (0: PyTorch's default)
-seed = 0
-exp_dir = "exp"
+seed = 0                      # initial weights, data order and crops
+exp_dir = "exp"               # runs go to <exp_dir>/<YYYYmmdd_HHMMSS>/
 resume = ""                   # path to a checkpoint.pt to continue
-preset = ""                   # "cpu": a short schedule for CPUs (PRESETS below)
+preset = ""                   # "cpu": a short schedule for CPUs (what it sets: PRESETS below, --help)
 max_time = ""                 # stop cleanly after this much wall time ("150m", "2h30m", seconds; "": never)
 checkpoint_every = "15m"      # also write checkpoint.pt between steps this often ("0": epoch ends only)
 dist_timeout = "10m"          # torchrun: a process waiting this long for the others stops with an error
@@ -82,7 +83,9 @@ dist_timeout = "10m"          # torchrun: a process waiting this long for the ot
 CONFIG_KEYS = [k for k in globals() if k not in _BEFORE_CONFIG and not k.startswith("_")]
 # "cpu": a usable model in 25-60 min with 2 threads on 2 cores of an AMD EPYC; see README
 PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_steps": 1500,
-                   "lr": 2e-4, "lr_step": 4, "batch_size": 2}}
+                   "lr": 2e-4, "lr_step": 4, "batch_size": 2},
+           # "smoke": a minute's check that training works end to end
+           "smoke": {"epochs": 1, "crop": 32, "max_meta_step": 4, "max_fusion_steps": 20, "exp_dir": "exp/smoke"}}
 # keys whose absence from a run's config.json means a rule older than today's default
 BEFORE_KEY = {"meta_rule": "paper"}
 # the least value of each numeric key the schedule can run with
@@ -107,7 +110,7 @@ def saved_config(saved):
 
 
 def parse_config(argv):
-    return config_from_flags(default_config(), PRESETS, argv, "Train ReFusion.")
+    return config_from_flags(default_config(), PRESETS, argv, __doc__, __file__)
 
 
 def check_config(config, world_size=1):
@@ -247,6 +250,14 @@ def save_checkpoint(trainer, clock):
     save_run(trainer, trainer.sums.get("seconds", 0.0) + clock.stretch_seconds())
 
 
+def log_rows(log, finished, row=None):
+    """log.csv with the rows of the first ``finished`` epochs (a row written before a failed
+    checkpoint, whose epoch a resume trains again, goes), then ``row``; rewritten atomically."""
+    lines = open(log).read().splitlines() if os.path.exists(log) else []
+    lines = (lines or ["epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds"])[:finished + 1]
+    write_bytes_atomic(log, "".join(f"{line}\n" for line in lines + ([row] if row else [])).encode())
+
+
 def finish_epoch(trainer, clock, rate):
     """log.csv's row, the epoch's weights and samples, then the position moves to the next epoch."""
     s, run_dir, number = trainer.sums, trainer.run_dir, trainer.epoch + 1
@@ -254,15 +265,11 @@ def finish_epoch(trainer, clock, rate):
     row = [number, s["meta"] / max(s["meta_n"], 1), s["fusion"] / max(s["fusion_n"], 1),
            s["recon"] / max(s["fusion_n"], 1), rate, round(seconds, 1)]
     if trainer.world.main:
-        log = os.path.join(run_dir, "log.csv")
-        new = not os.path.exists(log)
-        with open(log, "a") as stream:
-            if new:
-                stream.write("epoch,meta_outer_loss,fusion_loss,recon_loss,lr,seconds\n")
-            stream.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
         for name, net in (("ReFusion", trainer.fusion), ("LPN", trainer.lpn), ("ReN", trainer.recon)):
             save_weights(net, os.path.join(run_dir, f"{name}_epoch{number}.pth"), os.path.join(run_dir, f"{name}.pth"))
         save_samples(trainer.fusion, trainer.pairs, trainer.device, os.path.join(run_dir, f"samples_epoch{number}.png"))
+        log_rows(os.path.join(run_dir, "log.csv"), number - 1,
+                 ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     trainer.epoch, trainer.stage, trainer.step, trainer.sums = number, "meta", 0, empty_sums()
     clock.new_epoch()
     save_checkpoint(trainer, clock)
@@ -324,7 +331,7 @@ def train(argv):
     config = parse_config(argv)
     state = None
     if config["resume"]:
-        state = read_checkpoint(config["resume"])
+        state = read_checkpoint(config["resume"], what="checkpoint")
         if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
         # how to run, not what to train: taken from this command line, not the checkpoint

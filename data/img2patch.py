@@ -5,7 +5,8 @@
 
 Output: datasets ``img1`` and ``img2`` (uint8, N x 1 x P x P, Y channel of each source) and
 attributes ``source1``, ``source2``, ``patch_size``, ``stride``, ``low_contrast``, ``count``,
-``images``, ``dropped``. Patches of low contrast in either source are dropped: ``absolute``, a
+``images``, ``dropped``. Every pair is checked (decodable, same size) before any patch is cut; a bad pair is named and
+nothing is written. Patches of low contrast in either source are dropped: ``absolute``, a
 10th-90th percentile range under 10% of 0-255; ``relative``, under 10% of the 90th percentile
 (CDDFuse's rule, from the release's group), which keeps dark but structured night scenes such as
 most of MSRS.
@@ -47,10 +48,12 @@ def is_low_contrast(patch_stack, rule):
 
 
 def build(img1, img2, out, size, step, rule="absolute"):
+    import io
+
     import h5py
-    import numpy as np
     from tqdm import tqdm
 
+    from utils.atomic import write_bytes_atomic
     from utils.data import y_channel_uint8
     from utils.errors import UserError
     from utils.fuse import read_pair
@@ -70,10 +73,22 @@ def build(img1, img2, out, size, step, rule="absolute"):
         raise UserError(f"no image pairs in {img1} and {img2}")
     if os.path.exists(out):
         raise UserError(f"{out} exists; delete it or choose another --out")
+    bad = []
+    for stem, path1, path2 in tqdm(pairs, desc="checking", unit="pair"):
+        try:
+            read_pair(path1, path2)  # decodable, same size (as test.py)
+        except UserError as error:
+            bad.append(f"{stem}: {error}")
+    if bad:
+        for line in bad[:-1]:
+            print(f"error: {line}", file=sys.stderr)
+        raise UserError(f"{bad[-1]}\n{len(bad)} of {len(pairs)} pairs cannot be used; nothing written "
+                        f"(a training set that silently lacks pairs would change the experiment)")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    temporary = out + ".partial"
     kept = dropped = used = 0
-    with h5py.File(temporary, "w") as store:
+    # built in memory and written at once: a full disk is then one clear error, not a crash in HDF5
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as store:
         sets = [store.create_dataset(name, (0, 1, size, size), maxshape=(None, 1, size, size),
                                      dtype="uint8", chunks=(64, 1, size, size), compression="gzip")
                 for name in ("img1", "img2")]
@@ -95,29 +110,27 @@ def build(img1, img2, out, size, step, rule="absolute"):
                             "patch_size": size, "stride": step, "low_contrast": rule, "count": kept, "images": used,
                             "dropped": dropped})
     if kept == 0:
-        os.remove(temporary)
         raise UserError("no patches kept (images too small or all low-contrast)")
-    os.replace(temporary, out)
+    write_bytes_atomic(out, buffer.getvalue())
     print(f"{kept} patch pairs from {used} image pairs ({dropped} low-contrast dropped) -> {out}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Cut registered pairs into h5 training patches.")
-    parser.add_argument("--img1", default=path_img1)
-    parser.add_argument("--img2", default=path_img2)
-    parser.add_argument("--out", default=path_out)
-    parser.add_argument("--patch_size", type=int, default=patch_size)
-    parser.add_argument("--stride", type=int, default=stride)
-    parser.add_argument("--low_contrast", default=low_contrast)
+    parser = argparse.ArgumentParser(description="Cut registered pairs into h5 training patches.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--img1", default=path_img1, help="folder of first sources (e.g. infrared)")
+    parser.add_argument("--img2", default=path_img2, help="folder of second sources, paired by file name")
+    parser.add_argument("--out", default=path_out, help="the .h5 file to write (never overwritten)")
+    parser.add_argument("--patch_size", type=int, default=patch_size, help="patch side in pixels")
+    parser.add_argument("--stride", type=int, default=stride, help="pixels between patches")
+    parser.add_argument("--low_contrast", default=low_contrast, choices=CONTRAST_RULES,
+                        help="absolute: drop patches whose 10th-90th percentile range is under 10%% of "
+                             "0-255; relative: under 10%% of their 90th percentile (keeps dark scenes)")
     args = parser.parse_args(argv)
     from utils.errors import run_script
-    try:
-        return run_script(lambda: build(args.img1, args.img2, args.out, args.patch_size, args.stride,
-                                        args.low_contrast),
-                          "interrupted; no output written")
-    finally:
-        if os.path.exists(args.out + ".partial"):
-            os.remove(args.out + ".partial")
+    return run_script(lambda: build(args.img1, args.img2, args.out, args.patch_size, args.stride,
+                                    args.low_contrast),
+                      "interrupted; no output written")
 
 
 if __name__ == "__main__":

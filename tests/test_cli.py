@@ -67,8 +67,9 @@ def expect_error(capsys, code, *fragments):
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
-    err = err.splitlines()[-1]  # earlier lines: the progress bar of pairs already fused
-    assert err.startswith("error: ")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside: progress bars
+    assert len(errors) == 1
+    err = errors[0]
     for fragment in fragments:
         assert fragment in err
     return err
@@ -89,12 +90,50 @@ def test_unpaired_files_are_listed(workspace, capsys):
 
 def test_size_mismatch_names_the_pair(workspace, capsys):
     cv2.imwrite(str(workspace / "b" / "p2.png"), np.zeros((17, 16), np.uint8))
-    expect_error(capsys, run(workspace), "size mismatch", "p2.bmp", "p2.png")
+    expect_error(capsys, run(workspace), "p2: size mismatch", "p2.bmp", "p2.png")
 
 
 def test_unreadable_image(workspace, capsys):
     (workspace / "b" / "p2.png").write_bytes(b"garbage")
-    expect_error(capsys, run(workspace), "cannot read image", "p2.png")
+    expect_error(capsys, run(workspace), "p2: cannot read image", "p2.png")
+
+
+def test_a_bad_pair_among_good_ones_is_named_and_the_others_fused(workspace, capsys):
+    """Like convert or rsync: every pair is checked before the first is fused, every good one is
+    fused (also those sorted after the bad one), each bad one gets an error line, a closing line
+    counts them, and the exit status is 1."""
+    for stem in ("p0", "p3"):
+        for folder in ("a", "b"):
+            cv2.imwrite(str(workspace / folder / f"{stem}.png"), np.full((12, 14), 90, np.uint8))
+    (workspace / "b" / "p2.png").write_bytes(b"truncated")
+    assert run(workspace) == 1
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: p2: cannot read image {workspace / 'b' / 'p2.png'}: not a supported image file or corrupt"]
+    assert f"IVIF: fused 3 of 4 pairs (1 in colour), 1 failed -> {workspace / 'out'}" in out
+    assert sorted(os.listdir(workspace / "out" / "Gray")) == ["p0.png", "p1.png", "p3.png"]
+
+
+def test_a_folder_bad_throughout_writes_nothing(workspace, capsys):
+    for folder, name in (("a", "p1.png"), ("a", "p2.bmp")):
+        (workspace / folder / name).write_bytes(b"")
+    assert run(workspace) == 1
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and not (workspace / "out").exists()
+
+
+def test_a_read_only_output_folder_is_found_before_any_work(workspace, capsys, monkeypatch):
+    """The folder is tried before the model loads or any pair is fused (a read-only file system
+    is simulated: root writes anywhere on a normal one)."""
+    import errno
+    import tempfile
+
+    def read_only(dir=None, **_):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, "tmpxyz"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    err = expect_error(capsys, run(workspace), f"cannot write to {workspace / 'out' / 'Gray'}: Read-only file system")
+    assert "tmpxyz" not in err and not os.listdir(workspace / "out" / "Gray")
 
 
 def test_corrupt_checkpoint(workspace, capsys):
@@ -173,3 +212,36 @@ def test_shipped_model_fuses_the_bundled_test_cases(task, tmp_path):
     for name in os.listdir(tmp_path / "Gray"):
         fused = cv2.imread(str(tmp_path / "Gray" / name), cv2.IMREAD_UNCHANGED)
         assert fused.dtype == np.uint8 and fused.std() > 5
+
+
+def test_a_training_checkpoint_points_at_the_weights_beside_it(workspace, capsys):
+    torch.save({"config": {}, "epoch": 3, "fusion": ReFusion().state_dict()}, workspace / "checkpoint.pt")
+    assert run(workspace, model="checkpoint.pt") == 1
+    err = capsys.readouterr().err
+    assert "train.py's checkpoint of a whole run" in err and str(workspace / "ReFusion.pth") in err
+    assert err.count("\n") == 1
+
+
+def test_a_truncated_checkpoint_is_one_whole_sentence(workspace, capsys):
+    data = (workspace / "model.pth").read_bytes()
+    (workspace / "cut.pth").write_bytes(data[:len(data) // 2])
+    assert run(workspace, model="cut.pth") == 1
+    err = capsys.readouterr().err.strip()
+    assert "truncated or corrupt (" in err and err.endswith(")") and "your checkpoint file is" not in err
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "eval.py", "data/img2patch.py"])
+def test_every_option_is_described_with_its_default(script):
+    """``--help`` describes each flag (its help text is more than the flag's metavar) and names
+    its default; train.py also lists what each preset sets."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "REFUSION_NO_REEXEC": "1"}).stdout
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert len(options) >= 5
+    body = out[out.index("options:"):]
+    for option in options:
+        entry = body.split(f"  {option}", 1)[1].split("\n  --", 1)[0]
+        assert "default" in entry and len(entry.split()) > 3, (script, option, entry)
+    if script == "train.py":
+        assert "presets: cpu: epochs=6, crop=64" in out and "lr=0.0002, lr_step=4" in out
+

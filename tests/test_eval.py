@@ -114,8 +114,14 @@ def test_bad_methods_are_one_line(study, tmp_path, capsys):
 def test_a_bare_folder_keeps_the_per_image_table(study, capsys):
     assert evaluation.main(["--img1", str(study["ir"]), "--img2", str(study["vis"]),
                             "--fused", str(study["average"]), "--jobs", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
     assert lines[0].split()[:3] == ["image", "EN", "SD"] and [line.split()[0] for line in lines[1:]] == ["a", "b", "c", "mean"]
+    assert err == ""
+    # source pairs without a fused image are named, not silently left out of the mean
+    assert evaluation.main(["--img1", str(study["ir"]), "--img2", str(study["vis"]),
+                            "--fused", str(study["first"]), "--jobs", "1"]) == 0
+    assert "note: 1 of the source pairs have no fused image and are not scored: c" in capsys.readouterr().err
 
 
 def test_figure_layout(study, tmp_path, capsys):

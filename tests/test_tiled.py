@@ -165,10 +165,31 @@ def test_running_out_of_memory_is_one_error_line_and_writes_nothing(tmp_path, mo
     out = tmp_path / "out"
     assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
                  "--out", str(out), "--max_memory", "1GB"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: p: out of memory fusing 40x30 on cpu; try a smaller --max_memory (e.g. 1GB) "
-                       "to fuse it in tiles")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert err == ["error: p: out of memory fusing 40x30 on cpu; try a smaller --max_memory (e.g. 1GB) "
+                   "to fuse it in tiles"]
     assert not (out / "Gray").exists() or not os.listdir(out / "Gray")
     assert main(["--task", "IVIF", "--img1", str(tmp_path / "in" / "a"), "--img2", str(tmp_path / "in" / "b"),
                  "--out", str(out), "--max_memory", "plenty"]) == 1
     assert "cannot read memory size 'plenty'" in capsys.readouterr().err
+
+
+def test_a_max_memory_below_one_tile_is_refused_with_the_least_that_works(tmp_path, capsys):
+    from utils.tiled import LEAST_BUDGET, plan
+    assert plan(400, 400, LEAST_BUDGET)[0] is not None  # the least budget plans a tile
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "p.png"), np.zeros((30, 40), np.uint8))
+    spec = importlib.util.spec_from_file_location("refusion_test_script_m", os.path.join(ROOT, "test.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--task", "IVIF", "--img1", str(tmp_path / "a"), "--img2", str(tmp_path / "b"),
+            "--model", str(tmp_path / "none.pth"), "--out", str(tmp_path / "out")]
+    torch.save(ReFusion().state_dict(), tmp_path / "none.pth")
+    assert script.main(args + ["--max_memory", "1KB"]) == 1
+    least = -(-LEAST_BUDGET // 2 ** 20)
+    assert capsys.readouterr().err.strip() == (
+        f"error: --max_memory 1KB (1024 bytes) is less than one 16 px tile needs: give at least {least}MB")
+    assert script.main(args + ["--max_memory", "512"]) == 1
+    assert "(512 bytes)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

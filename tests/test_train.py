@@ -327,6 +327,8 @@ def test_train_errors(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"nope")
     assert train_script.main(["--resume", str(tmp_path / "bad.pt")]) == 1
     assert "cannot read checkpoint" in capsys.readouterr().err
+    assert train_script.main(["--resume", str(tmp_path / "nope" / "checkpoint.pt")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: checkpoint not found: {tmp_path / 'nope' / 'checkpoint.pt'}"
     assert train_script.main(["--preset", "gpu-farm"]) == 1
     assert "unknown preset" in capsys.readouterr().err
     for name, patches, message in (("float.h5", np.zeros((4, 1, 8, 8), np.float32), "expected uint8"),

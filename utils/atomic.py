@@ -5,7 +5,8 @@ import tempfile
 
 def write_atomic(path, write):
     """``write(temporary_path)`` then rename it to ``path``; an interrupted write leaves no partial
-    file. The result gets the usual permissions (umask), not mkstemp's private 0600."""
+    file, and an error (disk full, permission) names ``path``. The result gets the usual permissions
+    (umask), not mkstemp's private 0600."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".partial", dir=folder)
@@ -16,7 +17,21 @@ def write_atomic(path, write):
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.errno is not None:
+            # name the file the user asked for, not our temporary one
+            raise type(error)(error.errno, error.strerror, path) from None
         raise
+
+
+def write_bytes_atomic(path, data):
+    """``data`` to ``path`` atomically, through Python's own file writes: a full disk or a file
+    size limit is an ``OSError`` that names ``path`` (``torch.save`` and numpy's ``tofile`` would
+    raise other errors, or none that names the file)."""
+    def write(temporary):
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+    write_atomic(path, write)
+

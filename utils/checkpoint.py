@@ -1,5 +1,6 @@
 """Loading and saving weights with clear errors, atomic writes, and a training run's folder and
 checkpoint."""
+import io
 import os
 import pickle
 import time
@@ -8,7 +9,7 @@ import zipfile
 
 import torch
 
-from utils.atomic import write_atomic
+from utils.atomic import write_bytes_atomic
 from utils.errors import UserError
 
 
@@ -18,7 +19,9 @@ class CheckpointError(UserError):
 
 def save_atomic(obj, path):
     """``torch.save`` that never leaves a truncated checkpoint behind (see ``utils.atomic``)."""
-    write_atomic(path, lambda temporary: torch.save(obj, temporary))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def save_weights(network, *paths):
@@ -28,10 +31,18 @@ def save_weights(network, *paths):
         save_atomic(weights, path)
 
 
-def read_checkpoint(path, hint=""):
-    """``torch.load`` on CPU with tensors only; raises ``CheckpointError`` with a one-line reason."""
+def first_sentence(text, limit=200):
+    """The first sentence of an error message, whole, or its first ``limit`` characters and "..."."""
+    text = " ".join(str(text).split())
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + "..."
+
+
+def read_checkpoint(path, hint="", what="model"):
+    """``torch.load`` on CPU with tensors only; raises ``CheckpointError`` with a one-line reason
+    (``what`` names the file when it is missing)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"model not found: {path}" + (f" ({hint})" if hint else ""))
+        raise CheckpointError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
     try:
         with warnings.catch_warnings():  # torch.load's notes (pickle protocols, ...) are not for users
             warnings.simplefilter("ignore")
@@ -44,14 +55,18 @@ def read_checkpoint(path, hint=""):
                                   f"Such files are never unpickled here, since that can run code") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file") from None
     except Exception as error:  # torch raises many types for damaged files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file or "
-                              f"corrupt ({reason[:200]})") from None
+        reason = first_sentence(error) if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file, or "
+                              f"truncated or corrupt ({reason})") from None
 
 
 def load_weights(network, path, hint=""):
     """Load a state dict file into ``network`` strictly; errors name the file and what is wrong."""
     state = read_checkpoint(path, hint)
+    if isinstance(state, dict) and {"fusion", "config", "epoch"} <= set(state):
+        beside = os.path.join(os.path.dirname(path) or ".", "ReFusion.pth")
+        raise CheckpointError(f"{path} is train.py's checkpoint of a whole run, not weights; "
+                              f"F's weights are in {beside} (or ReFusion_epoch<N>.pth) beside it")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict of tensors "
                               f"(expected the weights of {type(network).__name__})")

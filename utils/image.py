@@ -9,7 +9,7 @@ import os
 import cv2
 import numpy as np
 
-from utils.atomic import write_atomic
+from utils.atomic import write_bytes_atomic
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -116,7 +116,7 @@ def write_png(path, image):
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise ImageError(f"cannot encode {path}")
-    write_atomic(path, encoded.tofile)
+    write_bytes_atomic(path, encoded.tobytes())
 
 
 def list_images(folder):

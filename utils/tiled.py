@@ -39,6 +39,10 @@ KEPT_BYTES_PER_PIXEL = 32 * 4
 PLANNED_SHARE = 0.6
 # Below this side, keeping block outputs costs more in margins than it saves in recomputation.
 LEAST_KEPT_TILE = 128
+# The smallest tile: below it the margins would be nearly all of the work.
+LEAST_TILE = 16
+# The least budget ``plan`` accepts: what one LEAST_TILE tile with its margins needs.
+LEAST_BUDGET = int((LEAST_TILE + 2 * HALO) ** 2 * BYTES_PER_PIXEL / PLANNED_SHARE) + 1
 
 
 class _StopSweep(Exception):
@@ -197,11 +201,11 @@ def plan(height, width, budget):
     whole-image forward fits (or no budget is known); else the side of the largest tile whose
     forward (margin included) fits beside the kept block outputs of all tiles (keep True), when
     such a tile is at least LEAST_KEPT_TILE; otherwise the largest whose forward fits alone (keep
-    False); at least 16 pixels."""
+    False); at least LEAST_TILE pixels (callers refuse budgets under LEAST_BUDGET)."""
     if budget is None or height * width * BYTES_PER_PIXEL <= budget:
         return None, False
     budget *= PLANNED_SHARE
-    alone = max(16, int((budget / BYTES_PER_PIXEL) ** 0.5) - 2 * HALO)
+    alone = max(LEAST_TILE, int((budget / BYTES_PER_PIXEL) ** 0.5) - 2 * HALO)
     for side in range(alone, LEAST_KEPT_TILE - 1, -8):
         kept = margined_pixels(height, width, side) * KEPT_BYTES_PER_PIXEL
         if (side + 2 * HALO) ** 2 * BYTES_PER_PIXEL + kept <= budget:

@@ -24,3 +24,14 @@ def reference_image(task, which, stem):
 
 def release_weights(task):
     return os.path.join(REFERENCE, "official_weights", f"ReFusion_{task}.pth")
+
+
+def random_patch_file(path, count, size, seed):
+    """An img2patch-style ``.h5`` of ``count`` random ``size`` px patch pairs; returns ``path``."""
+    import h5py
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as store:
+        for name in ("img1", "img2"):
+            store[name] = rng.integers(0, 256, (count, 1, size, size), dtype=np.uint8)
+    return path

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, random_patch_file
 from test_train import TINY, load_script
 
 train_script = load_script("refusion_train_full_disk", "train.py")
@@ -84,13 +84,7 @@ def test_img2patch_names_the_file_and_writes_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def patch_file(tmp_path_factory):
-    import h5py
-    path = tmp_path_factory.mktemp("full_disk") / "pairs.h5"
-    rng = np.random.default_rng(1)
-    with h5py.File(path, "w") as store:
-        for name in ("img1", "img2"):
-            store[name] = rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8)
-    return path
+    return random_patch_file(tmp_path_factory.mktemp("full_disk") / "pairs.h5", 16, 32, seed=1)
 
 
 def test_train_py_keeps_the_last_good_checkpoint_and_resumes(patch_file, tmp_path, monkeypatch, capsys):

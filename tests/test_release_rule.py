@@ -13,14 +13,11 @@ module-style virtual parameters and ``.grad`` bookkeeping, and nothing of ``util
     phi <- phi - lr * phi.grad / max|phi.grad|;  P.zero_grad()
 """
 import copy
-import os
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import random_patch_file
 from test_train import load_script
 from utils.losses import fusion_loss, reconstruction_loss
 
@@ -33,12 +30,7 @@ LR = 0.05
 @pytest.fixture(scope="module")
 def patch_file(tmp_path_factory):
     """16 random 16 px patch pairs: 8 batches of 2, enough for a group of 3 fresh pairs."""
-    path = tmp_path_factory.mktemp("release_rule") / "pairs.h5"
-    rng = np.random.default_rng(3)
-    with h5py.File(path, "w") as store:
-        for name in ("img1", "img2"):
-            store[name] = rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
-    return path
+    return random_patch_file(tmp_path_factory.mktemp("release_rule") / "pairs.h5", 16, 16, seed=3)
 
 
 def exchanged(batch):

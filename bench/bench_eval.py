@@ -6,6 +6,12 @@
 Rounds alternate serial and parallel scoring so that both see the same machine; prints each
 round's seconds and the median ratio.
 """
+import os
+import sys
+
+# runnable as python bench/<script>.py too: the repository root on the path, as python -m has it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import statistics
 import time

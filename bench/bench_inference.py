@@ -20,13 +20,17 @@ the release runs, and with the allocator settings our scripts use; the speed-up 
 ratios taken in this one run. Output equality with the release is what tests/test_parity.py
 checks.
 """
+import os
+import sys
+
+# runnable as python bench/<script>.py too: the repository root on the path, as python -m has it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

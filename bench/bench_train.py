@@ -21,13 +21,17 @@ global batch ``--pairs`` per second) in one process and under torchrun with each
 processes, --rounds times interleaved, on synthetic data; P's accumulation group is the largest
 count, so that stage 1 can use every process. On the CPU the --threads are shared out.
 """
+import os
+import sys
+
+# runnable as python bench/<script>.py too: the repository root on the path, as python -m has it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -38,6 +38,7 @@ from utils.data import (crop_window, epoch_batches, fusion_steps_per_epoch, load
 from utils.distributed import (LostRanksError, World, exit_process, join, launched_rank,
                                launched_world_size, lost_contact)
 from utils.errors import UserError, run_script
+from utils.losses import PADDINGS
 from utils.meta import (META_RULES, LossWeights, LPNUpdate, fusion_step, lpn_meta_gradient,
                         pair_coefficients)
 from utils.runtime import STOP_EXIT, RunClock, parse_duration, resolve_device, stop_signals
@@ -65,6 +66,7 @@ c_int = 1.0                   # fusion loss: intensity weight
 c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1)/epochs
 recon_c_int = 1.0             # reconstruction loss: intensity weight
 recon_c_grad = 1.0            # reconstruction loss: gradient weight
+gradient_padding = "zero"     # both losses' Sobel maps: "zero" (the release) | "replicate" (no edge at the border)
 recon_dim = 16                # R's width (a multiple of 8): its capacity
 recon_blocks = 2              # R's transformer blocks: its capacity and receptive field
 device = "auto"               # auto | cpu | cuda | mps
@@ -81,10 +83,9 @@ dist_timeout = "10m"          # torchrun: a process waiting this long for the ot
 
 # the config keys: every name the block above defines
 CONFIG_KEYS = [k for k in globals() if k not in _BEFORE_CONFIG and not k.startswith("_")]
-# "cpu": a usable model in 25-60 min with 2 threads on 2 cores of an AMD EPYC; see README
+# "cpu": a usable model in 25-60 min with 2 threads on 2 cores of an AMD EPYC; "smoke": a minute's check
 PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_steps": 1500,
                    "lr": 2e-4, "lr_step": 4, "batch_size": 2},
-           # "smoke": a minute's check that training works end to end
            "smoke": {"epochs": 1, "crop": 32, "max_meta_step": 4, "max_fusion_steps": 20, "exp_dir": "exp/smoke"}}
 # keys whose absence from a run's config.json means a rule older than today's default
 BEFORE_KEY = {"meta_rule": "paper"}
@@ -131,8 +132,9 @@ def check_config(config, world_size=1):
     if config["batch_size"] % world_size:
         raise TrainError(f"--batch_size {config['batch_size']} (the global batch) cannot be split evenly "
                          f"over {world_size} processes: use a multiple of {world_size}")
-    if config["meta_rule"] not in META_RULES:
-        raise TrainError(f"--meta_rule must be one of {', '.join(META_RULES)}, got '{config['meta_rule']}'")
+    for key, choices in (("meta_rule", META_RULES), ("gradient_padding", PADDINGS)):
+        if config[key] not in choices:
+            raise TrainError(f"--{key} must be one of {', '.join(choices)}, got '{config[key]}'")
     if config["lpn_fusion_loss"] and config["meta_rule"] != "paper":
         raise TrainError("--lpn_fusion_loss true belongs to --meta_rule paper (the release's rule "
                          "already adds the fusion loss its own way)")
@@ -152,7 +154,8 @@ def loss_weights_at(config, epoch):
     """Both losses' coefficients in (0-based) ``epoch``: the gradient term ramps as (epoch+1)/epochs."""
     c = config
     return LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
-                       c["recon_c_grad"], c["symmetric_lpn"], c["meta_rule"], c["lpn_fusion_loss"])
+                       c["recon_c_grad"], c["symmetric_lpn"], c["meta_rule"], c["lpn_fusion_loss"],
+                       c["gradient_padding"])
 
 
 def empty_sums():
@@ -245,9 +248,9 @@ class Trainer:
 
 
 # -- the run folder --------------------------------------------------------------------------
-def save_checkpoint(trainer, clock):
-    """checkpoint.pt, by rank 0 (all ranks must call this: it gathers their generators)."""
-    save_run(trainer, trainer.sums.get("seconds", 0.0) + clock.stretch_seconds())
+def epoch_seconds(trainer, clock):
+    """Wall time spent in the current epoch, over every stretch of it (resumes included)."""
+    return trainer.sums.get("seconds", 0.0) + clock.stretch_seconds()
 
 
 def log_rows(log, finished, row=None):
@@ -259,11 +262,10 @@ def log_rows(log, finished, row=None):
 
 
 def finish_epoch(trainer, clock, rate):
-    """log.csv's row, the epoch's weights and samples, then the position moves to the next epoch."""
+    """The epoch's weights, samples and log.csv row, then the position moves to the next epoch."""
     s, run_dir, number = trainer.sums, trainer.run_dir, trainer.epoch + 1
-    seconds = s.get("seconds", 0.0) + clock.stretch_seconds()
     row = [number, s["meta"] / max(s["meta_n"], 1), s["fusion"] / max(s["fusion_n"], 1),
-           s["recon"] / max(s["fusion_n"], 1), rate, round(seconds, 1)]
+           s["recon"] / max(s["fusion_n"], 1), rate, round(epoch_seconds(trainer, clock), 1)]
     if trainer.world.main:
         for name, net in (("ReFusion", trainer.fusion), ("LPN", trainer.lpn), ("ReN", trainer.recon)):
             save_weights(net, os.path.join(run_dir, f"{name}_epoch{number}.pth"), os.path.join(run_dir, f"{name}.pth"))
@@ -272,7 +274,7 @@ def finish_epoch(trainer, clock, rate):
                  ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     trainer.epoch, trainer.stage, trainer.step, trainer.sums = number, "meta", 0, empty_sums()
     clock.new_epoch()
-    save_checkpoint(trainer, clock)
+    save_run(trainer, epoch_seconds(trainer, clock))
 
 
 # -- training --------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def stop_here(trainer, clock):
     """At a step boundary: True when the run should stop; writes the periodic checkpoint when due."""
     stop, due = clock.at_step_boundary(trainer.world)
     if due and not stop:
-        save_checkpoint(trainer, clock)
+        save_run(trainer, epoch_seconds(trainer, clock))
         clock.checkpoint_written()
     return stop
 
@@ -371,7 +373,7 @@ def train_in(world, config, state, resume_dir):
         clock.start()
         finished = run_epochs(trainer, clock)
         if not finished:
-            save_checkpoint(trainer, clock)
+            save_run(trainer, epoch_seconds(trainer, clock))
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     if not finished:
         why = f"--max_time {config['max_time']} reached; " if clock.stop_reason == "max_time" else ""

@@ -173,3 +173,20 @@ def test_pair_coefficients_of_both_rules():
     assert [pair_coefficients(release, k, 3) for k in range(3)] == [(1 / 3, 0.0)] + [(1 / 3, 1.0)] * 2
     assert pair_coefficients(paper, 1, 2) == (1.0, 0.0)
     assert pair_coefficients(replace(paper, lpn_fusion_loss=True), 0, 2) == (1.0, 1.0)
+
+
+def test_replicate_padding_invents_no_edge_at_the_border():
+    """A constant image has no gradient anywhere; zero padding makes its border a step from 0
+    (the release's loss), replicate padding does not, and inside the border both agree."""
+    flat = torch.full((1, 1, 6, 7), 0.5)  # sums of multiples of 0.5 are exact
+    assert torch.count_nonzero(gradient_map(flat, "replicate")) == 0
+    zero = gradient_map(flat)
+    assert zero[0, 0, 0, 3] == 0.5 * 4 and torch.count_nonzero(zero[..., 1:-1, 1:-1]) == 0
+    image = torch.rand(2, 2, 9, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(gradient_map(image)[..., 1:-1, 1:-1], gradient_map(image, "replicate")[..., 1:-1, 1:-1],
+                          rtol=0, atol=1e-6)
+    weights = LossWeights(gradient_padding="replicate")
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, 0.5, weights)
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, 0.5, weights, grads)

@@ -6,11 +6,21 @@ _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 _SOBEL = torch.stack([_SOBEL_X, _SOBEL_X.t()])[:, None]  # (2,1,3,3): x then y
 
 
-def gradient_map(images):
-    """``|Sobel_x * I| + |Sobel_y * I|`` per channel, 3x3, zero padding. ``(B,C,H,W) -> (B,C,H,W)``."""
+PADDINGS = ("zero", "replicate")
+
+
+def gradient_map(images, padding="zero"):
+    """``|Sobel_x * I| + |Sobel_y * I|`` per channel, 3x3. ``(B,C,H,W) -> (B,C,H,W)``.
+
+    ``zero`` padding (the release's) makes the image border a step from 0, a large gradient that
+    is no edge of the scene; ``replicate`` padding invents none (docs/STUDIES.md: border stripes).
+    """
     channels = images.shape[1]
     kernels = _SOBEL.to(images).repeat(channels, 1, 1, 1)  # (2C,1,3,3), x/y per channel
-    responses = F.conv2d(images, kernels, padding=1, groups=channels)
+    if padding == "replicate":
+        responses = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernels, groups=channels)
+    else:
+        responses = F.conv2d(images, kernels, padding=1, groups=channels)
     return responses.abs().unflatten(1, (channels, 2)).sum(dim=2)
 
 
@@ -19,19 +29,19 @@ def _weighted_squared_error(weights, sources, fused):
     return (weights * (sources - fused)).square().mean(dim=(0, 2, 3)).sum()
 
 
-def fusion_loss(sources, fused, w_int, w_grad, c_int=1.0, c_grad=1.0):
+def fusion_loss(sources, fused, w_int, w_grad, c_int=1.0, c_grad=1.0, padding="zero"):
     """``c_int * [intensity term] + c_grad * [gradient term]`` with LPN's per-pixel weights.
 
     sources ``(B,2,H,W)``; fused ``(B,1,H,W)``; w_int, w_grad ``(B,2,H,W)``. Returns a scalar.
     ``c_grad`` is the epoch-scaled coefficient ``c_grad * (epoch+1) / epochs`` of the paper.
     """
     intensity = _weighted_squared_error(w_int, sources, fused)
-    gradient = _weighted_squared_error(w_grad, gradient_map(sources), gradient_map(fused))
+    gradient = _weighted_squared_error(w_grad, gradient_map(sources, padding), gradient_map(fused, padding))
     return c_int * intensity + c_grad * gradient
 
 
-def reconstruction_loss(sources, reconstructed, c_int=1.0, c_grad=1.0):
+def reconstruction_loss(sources, reconstructed, c_int=1.0, c_grad=1.0, padding="zero"):
     """``mean(max(|A-A^|, |B-B^|)^2)`` plus the same on gradient maps. Both ``(B,2,H,W)``."""
     intensity = (sources - reconstructed).abs().amax(dim=1).square().mean()
-    gradient = (gradient_map(sources) - gradient_map(reconstructed)).abs().amax(dim=1).square().mean()
+    gradient = (gradient_map(sources, padding) - gradient_map(reconstructed, padding)).abs().amax(dim=1).square().mean()
     return c_int * intensity + c_grad * gradient

@@ -22,8 +22,9 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 class LossWeights:
     """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), whether
     P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``), P's update
-    rule (``meta_rule``: ``META_RULES``) and, under the paper's rule, whether P also descends every
-    pair's inner fusion loss (``lpn_fusion_loss``)."""
+    rule (``meta_rule``: ``META_RULES``), under the paper's rule whether P also descends every
+    pair's inner fusion loss (``lpn_fusion_loss``), and the padding of both losses' gradient maps
+    (``utils.losses.PADDINGS``)."""
     fusion_int: float = 1.0
     fusion_grad: float = 1.0
     recon_int: float = 1.0
@@ -31,6 +32,7 @@ class LossWeights:
     symmetric_proposals: bool = False
     meta_rule: str = "release"
     lpn_fusion_loss: bool = False
+    gradient_padding: str = "zero"
 
 
 META_RULES = ("release", "paper")
@@ -73,14 +75,15 @@ def virtual_step(parameters, loss, alpha):
 
 def proposed_fusion_loss(inputs, fused, w_int, w_grad, weights):
     """``L_f`` of F's output on the exchanged batch under P's weights."""
-    return fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad)
+    return fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad,
+                       weights.gradient_padding)
 
 
 def reconstruction_objective(recon, recon_params, fused, batch, weights):
     """``L_r`` of R reconstructing (A,B) from fused images of the exchanged batch."""
     reconstructed = functional_call(recon, recon_params, (fused,))
     return reconstruction_loss(reconstruction_targets(batch), reconstructed,
-                               weights.recon_int, weights.recon_grad)
+                               weights.recon_int, weights.recon_grad, weights.gradient_padding)
 
 
 def inner_steps(fusion, recon, lpn, lpn_params, batch, alpha, weights):
@@ -199,7 +202,7 @@ def fusion_step(fusion, recon, lpn, batch, weights, fusion_optimizer, recon_opti
     loss_f.backward()
     fusion_optimizer.step()
     loss_r = reconstruction_loss(reconstruction_targets(batch), recon(fused.detach()),
-                                 weights.recon_int, weights.recon_grad)
+                                 weights.recon_int, weights.recon_grad, weights.gradient_padding)
     recon_optimizer.zero_grad(set_to_none=True)
     loss_r.backward()
     recon_optimizer.step()

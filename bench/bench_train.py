@@ -11,10 +11,13 @@ to ours. Because a host's speed drifts, the first two pieces are also compared w
 NCHW network of ReFusion_plain.py (same function, written the release's way) in --rounds
 interleaved rounds: each round times ours, the plain network in this process (our allocator
 settings) and the plain network in a child process with glibc's defaults (as the release runs),
-one after the other; the ratios are taken per round and their median is reported.
+one after the other; the ratios are taken per round and their median is reported. The forward FLOPs of each network
+and the rate a stage-2 step reaches follow the table.
 
     python -m bench.bench_train --ranks 2             # CPU: 2 processes x 1 thread vs 1 x 2 threads
     python -m bench.bench_train --ranks 1,2,4,8 --device cuda --pairs 8   # 1..8 GPUs
+
+    python -m bench.bench_train --compiled --rounds 2  # stage-2 step: ours, plain lines, plain + torch.compile
 
 ``--ranks`` times train.py's own rounds (stage-1 meta pairs per second, stage-2 steps of the
 global batch ``--pairs`` per second) in one process and under torchrun with each number of
@@ -52,6 +55,10 @@ def main():
                         help="compare training over these numbers of processes (torchrun), e.g. 2 or 1,2,4")
     parser.add_argument("--steps", type=int, default=4,
                         help="--ranks: accumulation groups of stage 1 and steps of stage 2 timed")
+    parser.add_argument("--compiled", action="store_true",
+                        help="time the stage-2 step of ours, of the plain lines and of the plain lines "
+                             "under torch.compile, each in its own process, --rounds times")
+    parser.add_argument("--step-worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--group", type=int, default=2, help=argparse.SUPPRESS)
@@ -60,6 +67,10 @@ def main():
         return time_training_rounds(args)
     if args.ranks:
         return compare_ranks(args)
+    if args.step_worker:
+        return time_stage_two(args)
+    if args.compiled:
+        return compare_compiled(args)
 
     import torch
 
@@ -129,15 +140,18 @@ def main():
     print(f"device={device.type} threads={args.threads} input {tuple(inputs.shape)} "
           f"(batch {args.pairs} x2 exchange), repeat={args.repeat}")
     print(f"{'piece':>48} {'s/step':>8} {'release s':>10} {'speed-up':>9}")
+    medians = {}
     for name, fn in (("F forward+backward", lambda: forward_backward(fusion)),
                      ("F forward+double backward", lambda: forward_double_backward(fusion)),
                      ("F forward-mode JVP", forward_jvp),
                      ("meta pair (stage 1)", meta_pair), ("stage-2 step", stage_two)):
-        median = median_seconds(fn)
+        median = medians[name] = median_seconds(fn)
         release = RELEASE_S.get(name)
         ratio = f"{release / median:.1f}x" if release and device.type == "cpu" and args.size == 128 \
             and args.pairs == 2 else "-"
         print(f"{name:>48} {median:8.2f} {release or '-':>10} {ratio:>9}")
+
+    print_flops(fusion, recon, lpn, inputs, medians["stage-2 step"])
 
     child = PlainChild(args) if args.rounds else None
     ratios = {}  # (piece, baseline) -> one ratio per round
@@ -165,6 +179,80 @@ def main():
               f"(rounds {min(values):.1f}-{max(values):.1f}x)")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"peak RSS {peak_gb:.2f} GB (this process)")
+
+
+def print_flops(fusion, recon, lpn, inputs, stage_two_s):
+    """Each network's forward FLOPs on ``inputs`` (PyTorch's counter; it counts a grouped
+    convolution's backward as an ungrouped one, so backward passes are not counted but taken as
+    twice their forward: one product for the input's gradient, one for the weights') and what a
+    stage-2 step (F and R forward + backward, P forward) computes per second."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def forward_gflop(net, x):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(x)
+        return counter.get_total_flops() / 1e9
+
+    flops = {"F": forward_gflop(fusion, inputs), "P": forward_gflop(lpn, inputs),
+             "R": forward_gflop(recon, inputs[:, :1])}
+    pixels = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
+    print("forward GFLOP on this input: " + ", ".join(
+        f"{name} {value:.2f} ({value * 1e9 / pixels / 1e3:.1f} kFLOP/pixel)" for name, value in flops.items()))
+    step = 3 * flops["F"] + flops["P"] + 3 * flops["R"]
+    print(f"stage-2 step: {step:.1f} GFLOP in {stage_two_s:.2f} s = {step / stage_two_s:.0f} GFLOP/s")
+
+
+COMPILED_PATHS = {"ours": {}, "plain": {"REFUSION_PLAIN_KERNELS": "1"},
+                  "plain, torch.compile": {"REFUSION_PLAIN_KERNELS": "1"}}
+
+
+def compare_compiled(args):
+    """Stage-2 steps of the three paths of ``COMPILED_PATHS``, one child process each, in turn.
+    Our kernels do not go through torch.compile: Dynamo cannot trace autograd Functions with a
+    custom ``jvp`` (utils/kernels) nor oneDNN's direct entry points under fake tensors."""
+    seconds = {}
+    for round_index in range(1, max(1, args.rounds) + 1):
+        for path, env in COMPILED_PATHS.items():
+            cmd = [sys.executable, "-m", "bench.bench_train", "--step-worker", path, "--size", str(args.size),
+                   "--pairs", str(args.pairs), "--threads", str(args.threads), "--repeat", str(args.repeat)]
+            done = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, env={**os.environ, **env})
+            if done.returncode:
+                raise SystemExit(f"error: {path} failed:\n{done.stderr[-2000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            seconds.setdefault(path, []).append(result["median"])
+            print(f"round {round_index}: {path}: first step {result['first']:.1f} s, "
+                  f"then {result['median']:.3f} s a step")
+    ours = statistics.median(seconds["ours"])
+    for path, values in seconds.items():
+        print(f"{path:>24}: {statistics.median(values):.3f} s a stage-2 step "
+              f"({statistics.median(values) / ours:.2f}x ours)")
+
+
+def time_stage_two(args):
+    """Worker of ``compare_compiled``: one JSON line, the first step's seconds (with any
+    compilation) and the median of --repeat steps after a second warm-up step."""
+    import torch
+
+    from ReFusion import LPN, ReFusion, ReN
+    from utils.meta import LossWeights, fusion_step
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fusion, recon, lpn = ReFusion(), ReN(), LPN()
+    optimizers = [torch.optim.Adam(net.parameters(), 1e-4) for net in (fusion, recon)]
+    if args.step_worker.endswith("torch.compile"):
+        fusion, recon, lpn = (torch.compile(net) for net in (fusion, recon, lpn))
+    batch = torch.rand(args.pairs, 2, args.size, args.size)
+
+    def step():
+        start = time.perf_counter()
+        fusion_step(fusion, recon, lpn, batch, LossWeights(), *optimizers)
+        return time.perf_counter() - start
+
+    first = step()
+    step()
+    print(json.dumps({"first": first, "median": statistics.median(step() for _ in range(args.repeat))}))
 
 
 def compare_ranks(args):

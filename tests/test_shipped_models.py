@@ -4,11 +4,13 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT
 from ReFusion import ReFusion
+from tools.diagnostics.stripes import border_alternation
 from utils.tasks import TASKS
 
 
@@ -44,3 +46,22 @@ def test_readme_quality_row_is_the_recorded_scores(task):
         assert [float(v) for v in cell.split(" / ")] == [round(quality[w][key], 3) for w in ("ours", "released")]
     shares = [int(v) for v in cells[3].rstrip(" %").split(" / ")]
     assert shares == [round(100 * quality["ratio_ours_to_released"][key]) for key in metrics]
+
+
+def test_border_alternation_sees_striped_borders_only():
+    """The stripe measure: a line standing out from both neighbours scores its depth; a ramp, a
+    border brightening toward the edge and a line further in score 0."""
+    ramp = np.tile(np.arange(64, dtype=np.float64), (48, 1)) * 0.5  # 0.5 levels a column
+    assert border_alternation(ramp) == 0
+    brightening = ramp + (40.0 / (1 + np.arange(48)))[:, None]  # 40, 20, 13.3, ... down the rows
+    assert border_alternation(brightening) == 0
+    striped = ramp.copy()
+    striped[1] -= 30  # row 1 dark between rows 0 and 2
+    striped[3] -= 12
+    assert border_alternation(striped) == pytest.approx(30)
+    inner = ramp.copy()
+    inner[10] -= 30
+    assert border_alternation(inner) == 0
+    columns = ramp.copy()
+    columns[:, -2] += 7.25  # a bright column next to the right edge
+    assert border_alternation(columns) == pytest.approx(7.25 - 0.5)

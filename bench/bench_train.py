@@ -18,6 +18,7 @@ and the rate a stage-2 step reaches follow the table.
     python -m bench.bench_train --ranks 1,2,4,8 --device cuda --pairs 8   # 1..8 GPUs
 
     python -m bench.bench_train --compiled --rounds 2  # stage-2 step: ours, plain lines, plain + torch.compile
+    python -m bench.bench_train --kernel-rates         # GFLOP/s of the convolutions alone
 
 ``--ranks`` times train.py's own rounds (stage-1 meta pairs per second, stage-2 steps of the
 global batch ``--pairs`` per second) in one process and under torchrun with each number of
@@ -58,6 +59,8 @@ def main():
     parser.add_argument("--compiled", action="store_true",
                         help="time the stage-2 step of ours, of the plain lines and of the plain lines "
                              "under torch.compile, each in its own process, --rounds times")
+    parser.add_argument("--kernel-rates", action="store_true",
+                        help="GFLOP/s of the networks' 1x1 and depthwise 3x3 convolutions alone")
     parser.add_argument("--step-worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
@@ -71,6 +74,8 @@ def main():
         return time_stage_two(args)
     if args.compiled:
         return compare_compiled(args)
+    if args.kernel_rates:
+        return kernel_rates(args)
 
     import torch
 
@@ -151,7 +156,7 @@ def main():
             and args.pairs == 2 else "-"
         print(f"{name:>48} {median:8.2f} {release or '-':>10} {ratio:>9}")
 
-    print_flops(fusion, recon, lpn, inputs, medians["stage-2 step"])
+    print_flops(fusion, recon, lpn, inputs, medians)
 
     child = PlainChild(args) if args.rounds else None
     ratios = {}  # (piece, baseline) -> one ratio per round
@@ -181,16 +186,25 @@ def main():
     print(f"peak RSS {peak_gb:.2f} GB (this process)")
 
 
-def print_flops(fusion, recon, lpn, inputs, stage_two_s):
-    """Each network's forward FLOPs on ``inputs`` (PyTorch's counter; it counts a grouped
-    convolution's backward as an ungrouped one, so backward passes are not counted but taken as
-    twice their forward: one product for the input's gradient, one for the weights') and what a
-    stage-2 step (F and R forward + backward, P forward) computes per second."""
+def print_flops(fusion, recon, lpn, inputs, medians):
+    """Each network's forward FLOPs on ``inputs`` and the rate the two training rounds reach
+    (``medians``: seconds by piece). A stage-2 step is F and R forward + backward and P forward;
+    a meta pair F forward + backward twice (inner batch, outer batch) and a JVP of F (a forward
+    and its tangent), P forward + backward, R forward + backward twice. PyTorch's counter is told that oneDNN's direct
+    convolutions count as convolutions; backward passes are not counted (it takes a grouped
+    convolution's as an ungrouped one) but taken as twice their forward: one product for the
+    input's gradient, one for the weights'."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+    def onednn_convolution(x_shape, w_shape, *_, out_shape=None, **__):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    onednn = {torch.ops.aten.mkldnn_convolution: onednn_convolution,
+              torch.ops.mkldnn._convolution_pointwise: onednn_convolution}
 
     def forward_gflop(net, x):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=onednn) as counter, torch.no_grad():
             net(x)
         return counter.get_total_flops() / 1e9
 
@@ -199,8 +213,40 @@ def print_flops(fusion, recon, lpn, inputs, stage_two_s):
     pixels = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
     print("forward GFLOP on this input: " + ", ".join(
         f"{name} {value:.2f} ({value * 1e9 / pixels / 1e3:.1f} kFLOP/pixel)" for name, value in flops.items()))
-    step = 3 * flops["F"] + flops["P"] + 3 * flops["R"]
-    print(f"stage-2 step: {step:.1f} GFLOP in {stage_two_s:.2f} s = {step / stage_two_s:.0f} GFLOP/s")
+    work = {"stage-2 step": 3 * flops["F"] + flops["P"] + 3 * flops["R"],
+            "meta pair (stage 1)": 9 * flops["F"] + 3 * flops["P"] + 6 * flops["R"]}
+    for piece, gflop in work.items():
+        print(f"{piece}: {gflop:.1f} GFLOP in {medians[piece]:.2f} s = {gflop / medians[piece]:.0f} GFLOP/s")
+
+
+def kernel_rates(args):
+    """The rate of the convolutions that hold most of the networks' FLOPs, each alone on a warm
+    channels-last input of the stage-2 batch (``2 * --pairs`` images): what a training step
+    could reach if nothing else took time."""
+    import torch
+
+    from utils.kernels.linear import depthwise_conv3x3, pointwise_conv
+
+    torch.set_num_threads(args.threads)
+    images, size = 2 * args.pairs, args.size
+
+    def rate(fn, flop):
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        for _ in range(args.repeat):
+            fn()
+        return flop * args.repeat / (time.perf_counter() - start) / 1e9
+
+    pixels = images * size * size
+    for cin, cout in ((16, 48), (16, 64), (32, 16), (32, 96), (32, 128), (64, 32)):
+        x = torch.rand(images, cin, size, size).contiguous(memory_format=torch.channels_last)
+        w = torch.rand(cout, cin, 1, 1)
+        print(f"1x1 {cin:>3} -> {cout:<3}: {rate(lambda: pointwise_conv(x, w), 2 * pixels * cin * cout):5.0f} GFLOP/s")
+    for channels in (48, 64, 96):
+        x = torch.rand(images, channels, size, size).contiguous(memory_format=torch.channels_last)
+        w = torch.rand(channels, 1, 3, 3)
+        print(f"depthwise 3x3, {channels:>3}: {rate(lambda: depthwise_conv3x3(x, w), 18 * pixels * channels):5.0f} GFLOP/s")
 
 
 COMPILED_PATHS = {"ours": {}, "plain": {"REFUSION_PLAIN_KERNELS": "1"},

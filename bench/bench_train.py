@@ -11,8 +11,8 @@ to ours. Because a host's speed drifts, the first two pieces are also compared w
 NCHW network of ReFusion_plain.py (same function, written the release's way) in --rounds
 interleaved rounds: each round times ours, the plain network in this process (our allocator
 settings) and the plain network in a child process with glibc's defaults (as the release runs),
-one after the other; the ratios are taken per round and their median is reported. The forward FLOPs of each network
-and the rate a stage-2 step reaches follow the table.
+one after the other; the ratios are taken per round and their median is reported. Each
+network's forward FLOPs and the rate both training rounds reach follow the table.
 
     python -m bench.bench_train --ranks 2             # CPU: 2 processes x 1 thread vs 1 x 2 threads
     python -m bench.bench_train --ranks 1,2,4,8 --device cuda --pairs 8   # 1..8 GPUs
@@ -190,8 +190,8 @@ def print_flops(fusion, recon, lpn, inputs, medians):
     """Each network's forward FLOPs on ``inputs`` and the rate the two training rounds reach
     (``medians``: seconds by piece). A stage-2 step is F and R forward + backward and P forward;
     a meta pair F forward + backward twice (inner batch, outer batch) and a JVP of F (a forward
-    and its tangent), P forward + backward, R forward + backward twice. PyTorch's counter is told that oneDNN's direct
-    convolutions count as convolutions; backward passes are not counted (it takes a grouped
+    and its tangent), P forward + backward, R forward + backward twice. PyTorch's counter is
+    told that oneDNN's direct convolutions count as convolutions; backward passes are not counted (it takes a grouped
     convolution's as an ungrouped one) but taken as twice their forward: one product for the
     input's gradient, one for the weights'."""
     import torch

@@ -84,4 +84,3 @@ def test_shipped_borders_alternate_no_more_than_released(task):
                               bundled_pairs(task))
     for pair, released in table["released"].items():
         assert table["shipped"][pair] <= released, (task, pair, table)
-

@@ -53,10 +53,9 @@ def fused_grey(fusion, path1, path2):
 
 
 def bundled_pairs(task):
-    """``[(name, path1, path2)]`` of ``test_cases/<task>``, paired by file name."""
-    first, second = (os.path.join(ROOT, "test_cases", task, folder) for folder in TASKS[task].test_cases)
-    return [(os.path.splitext(name)[0], os.path.join(first, name), os.path.join(second, name))
-            for name in sorted(os.listdir(first))]
+    """``[(name, path1, path2)]`` of ``test_cases/<task>``, paired by file stem."""
+    from utils.image import pair_images
+    return pair_images(*(os.path.join(ROOT, "test_cases", task, folder) for folder in TASKS[task].test_cases))
 
 
 def alternation_table(models, pairs):
@@ -96,8 +95,8 @@ def main():
         raise UserError("name at least one NAME=WEIGHTS or a --run with finished epochs")
     if len(args.img1) != len(args.img2):
         raise UserError(f"--img1 names {len(args.img1)} files but --img2 {len(args.img2)}")
-    pairs = ([(os.path.splitext(os.path.basename(a))[0], a, b) for a, b in zip(args.img1, args.img2)]
-             or bundled_pairs(args.task))
+    from utils.image import pair_images
+    pairs = [pair for a, b in zip(args.img1, args.img2) for pair in pair_images(a, b)] or bundled_pairs(args.task)
     table = alternation_table(models, pairs)
     print(f"border alternation (grey levels, outer {BORDER_LINES} lines) of F's raw output, {args.task}\n")
     print("| weights | " + " | ".join(name for name, _, _ in pairs) + " |")

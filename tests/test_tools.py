@@ -141,3 +141,30 @@ def test_lpn_report_gives_the_largest_change_of_p_between_epochs(tmp_path):
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert [row[6].strip() for row in rows] == ["", "", "0.03750", "0.03750"]
     assert all(0 <= float(row[5]) <= 1 for row in rows)
+
+
+def test_reports_read_the_training_domain_with_data(tmp_path):
+    """``--data``: the figures on patches spread over a training .h5, first and last included,
+    equal to order_dependence on those patches; neither --data nor --datasets is one error line."""
+    from conftest import random_patch_file
+    from tools.diagnostics.lpn_report import spread_patches
+    from tools.diagnostics.order_report import order_dependence
+    from utils.checkpoint import load_weights
+    from utils.data import load_pairs
+    data = tmp_path / "train.h5"
+    random_patch_file(data, 7, 16, 0)
+    pairs = load_pairs(str(data))
+    probe = spread_patches(pairs, 3)
+    assert torch.equal(probe, pairs[[0, 3, 6]].float() / 255)
+    run = tmp_path / "run"
+    run.mkdir()
+    random_weights(run / "ReFusion_epoch1.pth", 1)
+    command = [sys.executable, "-m", "tools.diagnostics.order_report", "--task", "IVIF", "--run", str(run)]
+    out = subprocess.run(command + ["--data", str(data), "--pairs", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "3 training patches" in out.stdout
+    row = next(line.split("|") for line in out.stdout.splitlines() if line.startswith("| epoch 1"))
+    expected = order_dependence(load_weights(ReFusion().eval(), str(run / "ReFusion_epoch1.pth")), probe)
+    assert abs(float(row[2]) - expected["difference"]) < 1e-4
+    bad = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """What a training run's loss proposal module P asks for, epoch by epoch.
 
     python -m tools.diagnostics.lpn_report --run exp/IVIF/<run> --task IVIF --datasets DATASETS
+    python -m tools.diagnostics.lpn_report --run exp/IVIF/<run> --task IVIF --data data/<train>.h5 --pairs 32
 
 P's per-pixel weights define F's loss. Nearly flat weights (0.5 everywhere) ask F for the mean
 of the two sources and of their gradients; a P that weights by position rather than content gives
@@ -12,6 +13,10 @@ and how often the gradient weight favours the source with the larger Sobel gradi
 pixels where the two gradients differ), and P's largest parameter change since the previous
 epoch: P steps at most its rate per update, so that change against (updates x rate) tells whether
 its updates add up or cancel.
+
+``--data`` reads the same figures on ``--pairs`` patches spread over a training ``.h5`` instead:
+the domain the run learned on. A P that weights by content there but by position on the test
+split has not collapsed; it transfers by position to data unlike its own.
 """
 import argparse
 import json
@@ -20,7 +25,7 @@ import sys
 
 from tools.quality import test_split
 from tools.score_run import finished_epochs
-from utils.errors import run_script
+from utils.errors import UserError, run_script
 from utils.tasks import TASKS
 
 
@@ -38,6 +43,33 @@ def test_crops(datasets, task, count, size):
         rgb1, rgb2 = read_pair(path1, path2)
         crops.append(luma_batch(to_ycrcb(rgb1), to_ycrcb(rgb2))[..., :size, :size])
     return torch.cat(crops)
+
+
+def spread_patches(pairs, count):
+    """``(count,2,P,P)`` in [0,1]: ``count`` of the uint8 training ``pairs`` at even index steps."""
+    import torch
+    spread = torch.linspace(0, len(pairs) - 1, min(count, len(pairs))).long()
+    return pairs[spread].float() / 255
+
+
+def probe_pairs(args):
+    """The pairs a report reads its networks on: ``--pairs`` training patches of ``--data`` when
+    given, else ``--pairs`` test crops of ``--size`` px from ``--datasets``, and their description."""
+    if args.data:
+        from utils.data import load_pairs
+        pairs = spread_patches(load_pairs(args.data), args.pairs)
+        return pairs, f"{len(pairs)} training patches of {args.data}"
+    if not args.datasets:
+        raise UserError("give --datasets (the test split) or --data (a training .h5)")
+    pairs = test_crops(args.datasets, args.task, args.pairs, args.size)
+    return pairs, f"{len(pairs)} test crops of {args.size} px"
+
+
+def add_probe_arguments(parser, pairs):
+    parser.add_argument("--datasets", help="folder holding <TASK>/test/: read the test split")
+    parser.add_argument("--data", help="a training .h5 instead: read the run's own domain")
+    parser.add_argument("--pairs", type=int, default=pairs, help="test pairs or training patches")
+    parser.add_argument("--size", type=int, default=256, help="test crop size")
 
 
 def proposal_summary(lpn, pairs, symmetric):
@@ -70,9 +102,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with LPN_epoch<N>.pth")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--datasets", required=True, help="folder holding <TASK>/test/")
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--size", type=int, default=256)
+    add_probe_arguments(parser, 3)
     args = parser.parse_args()
 
     from ReFusion import LPN
@@ -80,7 +110,7 @@ def main():
 
     if not os.path.isdir(args.run):
         sys.exit(f"error: no training run folder {args.run}")
-    pairs = test_crops(args.datasets, args.task, args.pairs, args.size)
+    pairs, where = probe_pairs(args)
     names = TASKS[args.task].dataset
     epochs = finished_epochs(args.run, "LPN")
     if not epochs:
@@ -90,7 +120,7 @@ def main():
     if os.path.isfile(config_path):
         with open(config_path) as stream:
             symmetric = json.load(stream).get("symmetric_lpn", False)
-    print(f"P's weights as the run used them (symmetric_lpn {symmetric})\n")
+    print(f"P's weights as the run used them (symmetric_lpn {symmetric}) on {where}\n")
     print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) "
           "| w_grad on larger gradient (where they differ) | max abs change of P since previous epoch |")
     print("|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from tools.diagnostics.lpn_report import proposal_summary
+from tools.diagnostics.lpn_report import proposal_summary, spread_patches
 from utils.errors import UserError, run_script
 from utils.tasks import TASKS
 
@@ -99,16 +99,13 @@ def main():
     if args.data:
         config["data"] = args.data
 
-    import torch
-
     from train import Trainer
     from utils.checkpoint import load_weights
     trainer = Trainer(config)
     if args.epoch > 1:
         for net, name in ((trainer.fusion, "ReFusion"), (trainer.recon, "ReN"), (trainer.lpn, "LPN")):
             load_weights(net, start[name])
-    spread = torch.linspace(0, len(trainer.pairs) - 1, min(args.probe, len(trainer.pairs))).long()
-    probe = trainer.pairs[spread].to(trainer.device, torch.float32) / 255
+    probe = spread_patches(trainer.pairs, args.probe).to(trainer.device)
     names = TASKS[config["task"]].dataset if config.get("task") in TASKS else ("A", "B")
     changed = ", ".join(f"{k} {v}" for k, v in overrides.items()) or "none"
     print(f"stage 1 of epoch {args.epoch} of {args.run} (overrides: {changed}); "

@@ -1,7 +1,7 @@
 """How much a training run's fusion module F depends on the order of its two inputs, epoch by epoch.
 
     python -m tools.diagnostics.order_report --run exp/IVIF/<run> --task IVIF --datasets DATASETS \
-        [--reference NAME=WEIGHTS ...]
+        [--reference NAME=WEIGHTS ...] [--data data/<train>.h5 --pairs 32]
 
 Training shows F every pair in both orders, so F should give nearly the same image either way;
 the released IVIF weights do (mean |F(a,b) - F(b,a)| of 0.018 on [0,1] images). An F whose loss
@@ -9,13 +9,15 @@ proposals weighted the sources by position learns to copy whichever source comes
 and its output then follows that input in both orders. For each ``ReFusion_epoch<N>.pth`` (and
 each ``--reference``) this prints, on the same test crops as ``lpn_report``, the mean absolute
 difference between the two orders' outputs and the correlation of each order's output with each
-source.
+source. ``--data`` reads them on training patches instead (``lpn_report``'s option): an F that
+is order-invariant on its own domain and not on the test split fails to transfer, it has not
+collapsed.
 """
 import argparse
 import os
 import sys
 
-from tools.diagnostics.lpn_report import test_crops
+from tools.diagnostics.lpn_report import add_probe_arguments, probe_pairs
 from tools.score_run import finished_epochs
 from utils.errors import run_script
 from utils.tasks import TASKS
@@ -44,11 +46,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with ReFusion_epoch<N>.pth")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--datasets", required=True, help="folder holding <TASK>/test/")
     parser.add_argument("--reference", action="append", default=[], metavar="NAME=WEIGHTS",
                         help="also report these weights (e.g. released=path/to/ReFusion_IVIF.pth)")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
+    add_probe_arguments(parser, 8)
     args = parser.parse_args()
 
     from ReFusion import ReFusion
@@ -66,9 +66,9 @@ def main():
              for e in finished_epochs(args.run)]
     if not rows:
         sys.exit(f"error: no ReFusion_epoch<N>.pth in {args.run}")
-    pairs = test_crops(args.datasets, args.task, args.pairs, args.size)
+    pairs, where = probe_pairs(args)
     a, b = TASKS[args.task].dataset
-    print(f"F on {len(pairs)} test crops of {args.size} px, inputs ({a}, {b}) and ({b}, {a})\n")
+    print(f"F on {where}, inputs ({a}, {b}) and ({b}, {a})\n")
     print(f"| weights | mean abs difference of the two orders | corr(F({a},{b}), {a} / {b}) "
           f"| corr(F({b},{a}), {a} / {b}) |")
     print("|---|---|---|---|")

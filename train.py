@@ -38,7 +38,7 @@ from utils.data import (crop_window, epoch_batches, fusion_steps_per_epoch, load
 from utils.distributed import (LostRanksError, World, exit_process, join, launched_rank,
                                launched_world_size, lost_contact)
 from utils.errors import UserError, run_script
-from utils.losses import PADDINGS
+from utils.losses import GRADIENT_TARGETS, PADDINGS
 from utils.meta import (META_RULES, LossWeights, LPNUpdate, fusion_step, lpn_meta_gradient,
                         pair_coefficients)
 from utils.runtime import STOP_EXIT, RunClock, parse_duration, resolve_device, stop_signals
@@ -67,6 +67,7 @@ c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1
 recon_c_int = 1.0             # reconstruction loss: intensity weight
 recon_c_grad = 1.0            # reconstruction loss: gradient weight
 gradient_padding = "zero"     # both losses' Sobel maps: "zero" (the release) | "replicate" (no edge at the border)
+gradient_target = "weighted"  # fusion loss's gradient term: "weighted" by P (the paper) | "max" (TDFusion's)
 recon_dim = 16                # R's width (a multiple of 8): its capacity
 recon_blocks = 2              # R's transformer blocks: its capacity and receptive field
 device = "auto"               # auto | cpu | cuda | mps
@@ -132,7 +133,8 @@ def check_config(config, world_size=1):
     if config["batch_size"] % world_size:
         raise TrainError(f"--batch_size {config['batch_size']} (the global batch) cannot be split evenly "
                          f"over {world_size} processes: use a multiple of {world_size}")
-    for key, choices in (("meta_rule", META_RULES), ("gradient_padding", PADDINGS)):
+    for key, choices in (("meta_rule", META_RULES), ("gradient_padding", PADDINGS),
+                         ("gradient_target", GRADIENT_TARGETS)):
         if config[key] not in choices:
             raise TrainError(f"--{key} must be one of {', '.join(choices)}, got '{config[key]}'")
     if config["lpn_fusion_loss"] and config["meta_rule"] != "paper":
@@ -155,7 +157,7 @@ def loss_weights_at(config, epoch):
     c = config
     return LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
                        c["recon_c_grad"], c["symmetric_lpn"], c["meta_rule"], c["lpn_fusion_loss"],
-                       c["gradient_padding"])
+                       c["gradient_padding"], c["gradient_target"])
 
 
 def empty_sums():

@@ -190,3 +190,53 @@ def test_replicate_padding_invents_no_edge_at_the_border():
     inner, outer = batches()
     _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, 0.5, weights)
     assert_matches_finite_difference(fusion, recon, lpn, inner, outer, 0.5, weights, grads)
+
+
+def sobel_by_hand(image):
+    """Zero-padded signed Sobel responses of a 2-D array, one pixel at a time: (x, y)."""
+    height, width = image.shape
+    padded = [[0.0] * (width + 2)] + [[0.0] + list(row) + [0.0] for row in image.tolist()] + [[0.0] * (width + 2)]
+    x = [[0.0] * width for _ in range(height)]
+    y = [[0.0] * width for _ in range(height)]
+    for i in range(height):
+        for j in range(width):
+            p = lambda di, dj: padded[i + 1 + di][j + 1 + dj]  # noqa: E731
+            x[i][j] = (p(-1, 1) + 2 * p(0, 1) + p(1, 1)) - (p(-1, -1) + 2 * p(0, -1) + p(1, -1))
+            y[i][j] = (p(1, -1) + 2 * p(1, 0) + p(1, 1)) - (p(-1, -1) + 2 * p(-1, 0) + p(-1, 1))
+    return torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+
+
+def test_max_gradient_target_is_tdfusions_term_and_ignores_ps_gradient_weights():
+    """``--gradient_target max``: per pixel and direction the source's Sobel response of larger
+    magnitude, sign kept, is F's target; L1 averaged per direction, the two directions added (as
+    TDFusion's loss reads); P's gradient weights change nothing."""
+    g = torch.Generator().manual_seed(3)
+    sources = torch.rand(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    fused = torch.rand(2, 1, 5, 6, generator=g, dtype=torch.float64)
+    expected = 0.0
+    for direction in (0, 1):
+        errors = []
+        for b in range(2):
+            a_resp, b_resp = sobel_by_hand(sources[b, 0])[direction], sobel_by_hand(sources[b, 1])[direction]
+            target = torch.where(a_resp.abs() >= b_resp.abs(), a_resp, b_resp)
+            errors.append((sobel_by_hand(fused[b, 0])[direction] - target).abs())
+        expected += torch.stack(errors).mean().item()
+    w_int = torch.rand(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    gradient_only = [fusion_loss(sources, fused, w_int, w_grad, c_int=0.0, gradient_target="max")
+                     for w_grad in (torch.rand(2, 2, 5, 6, generator=g, dtype=torch.float64), torch.zeros(2, 2, 5, 6))]
+    assert gradient_only[0].item() == pytest.approx(expected, rel=1e-12)
+    assert gradient_only[1].item() == gradient_only[0].item()
+    weighted = fusion_loss(sources, fused, w_int, torch.full((2, 2, 5, 6), 0.5), c_int=0.0)
+    assert abs(weighted.item() - expected) > 0.1 * expected  # the two terms are not the same
+
+
+@pytest.mark.parametrize("coefficients", [(0.5, 0.0), (0.5, 1.0)])
+def test_lpn_meta_gradient_with_the_max_gradient_target_matches_finite_difference(coefficients):
+    fusion, recon, lpn = tiny_networks()
+    inner, outer = batches()
+    weights, alpha = LossWeights(fusion_grad=0.5, gradient_target="max"), 0.5
+    _, grads = lpn_meta_gradient(fusion, recon, lpn, inner, outer, alpha, weights, coefficients)
+    assert_matches_finite_difference(fusion, recon, lpn, inner, outer, alpha, weights, grads, coefficients)
+    # P's last layer: its two gradient-weight channels get no gradient, its intensity channels do
+    last = dict(zip(params(lpn), grads))["project_out_1.weight"]
+    assert torch.count_nonzero(last[2:]) == 0 and torch.count_nonzero(last[:2]) > 0

@@ -278,6 +278,18 @@ def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, value", [("gradient_padding", "replicate"), ("gradient_target", "max")])
+def test_loss_choice_flags_reach_the_losses_and_are_checked(patches, key, value):
+    _, data = patches
+    default = train_script.parse_config(["--data", str(data)])
+    assert getattr(train_script.loss_weights_at(default, 0), key) != value  # the default is the other
+    config = train_script.parse_config(["--data", str(data), f"--{key}", value])
+    train_script.check_config(config)
+    assert getattr(train_script.loss_weights_at(config, 3), key) == value
+    with pytest.raises(train_script.TrainError, match=f"--{key} must be one of"):
+        train_script.check_config(train_script.parse_config(["--data", str(data), f"--{key}", "sideways"]))
+
+
 def test_recon_size_flags_build_r_and_keep_the_seeded_initialisation(patches, tmp_path, capsys):
     """``--recon_dim/--recon_blocks`` size R; F starts from the same weights whatever R's size,
     the defaults give the initial weights of before the flags existed (F, then R, then P), and a

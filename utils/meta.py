@@ -23,8 +23,8 @@ class LossWeights:
     """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), whether
     P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``), P's update
     rule (``meta_rule``: ``META_RULES``), under the paper's rule whether P also descends every
-    pair's inner fusion loss (``lpn_fusion_loss``), and the padding of both losses' gradient maps
-    (``utils.losses.PADDINGS``)."""
+    pair's inner fusion loss (``lpn_fusion_loss``), the padding of both losses' gradient maps
+    (``utils.losses.PADDINGS``) and the fusion loss's gradient term (``GRADIENT_TARGETS``)."""
     fusion_int: float = 1.0
     fusion_grad: float = 1.0
     recon_int: float = 1.0
@@ -33,6 +33,7 @@ class LossWeights:
     meta_rule: str = "release"
     lpn_fusion_loss: bool = False
     gradient_padding: str = "zero"
+    gradient_target: str = "weighted"
 
 
 META_RULES = ("release", "paper")
@@ -76,7 +77,7 @@ def virtual_step(parameters, loss, alpha):
 def proposed_fusion_loss(inputs, fused, w_int, w_grad, weights):
     """``L_f`` of F's output on the exchanged batch under P's weights."""
     return fusion_loss(inputs, fused, w_int, w_grad, weights.fusion_int, weights.fusion_grad,
-                       weights.gradient_padding)
+                       weights.gradient_padding, weights.gradient_target)
 
 
 def reconstruction_objective(recon, recon_params, fused, batch, weights):

@@ -141,6 +141,10 @@ def test_lpn_report_gives_the_largest_change_of_p_between_epochs(tmp_path):
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert [row[6].strip() for row in rows] == ["", "", "0.03750", "0.03750"]
     assert all(0 <= float(row[5]) <= 1 for row in rows)
+    assert "unweighted" not in out.stdout
+    (run / "config.json").write_text('{"gradient_target": "max"}')
+    out = subprocess.run(out.args, cwd=ROOT, capture_output=True, text=True)
+    assert "P's w_grad columns are outputs no loss used" in out.stdout  # said where they mean nothing
 
 
 def test_reports_read_the_training_domain_with_data(tmp_path):

@@ -116,11 +116,15 @@ def main():
     if not epochs:
         sys.exit(f"error: no LPN_epoch<N>.pth in {args.run}")
     config_path = os.path.join(args.run, "config.json")
-    symmetric = False
+    config = {}
     if os.path.isfile(config_path):
         with open(config_path) as stream:
-            symmetric = json.load(stream).get("symmetric_lpn", False)
+            config = json.load(stream)
+    symmetric = config.get("symmetric_lpn", False)
     print(f"P's weights as the run used them (symmetric_lpn {symmetric}) on {where}\n")
+    if config.get("gradient_target") == "max":
+        print("The run's gradient term was unweighted (--gradient_target max): P's w_grad columns "
+              "are outputs no loss used.\n")
     print("| epoch | order | w_int first: mean (sd) | w_grad first: mean (sd) "
           "| w_grad on larger gradient (where they differ) | max abs change of P since previous epoch |")
     print("|---|---|---|---|---|---|")

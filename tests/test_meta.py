@@ -200,9 +200,9 @@ def sobel_by_hand(image):
     y = [[0.0] * width for _ in range(height)]
     for i in range(height):
         for j in range(width):
-            p = lambda di, dj: padded[i + 1 + di][j + 1 + dj]  # noqa: E731
-            x[i][j] = (p(-1, 1) + 2 * p(0, 1) + p(1, 1)) - (p(-1, -1) + 2 * p(0, -1) + p(1, -1))
-            y[i][j] = (p(1, -1) + 2 * p(1, 0) + p(1, 1)) - (p(-1, -1) + 2 * p(-1, 0) + p(-1, 1))
+            up, row, down = padded[i], padded[i + 1], padded[i + 2]  # rows i-1, i, i+1; column j+1 is j
+            x[i][j] = (up[j + 2] + 2 * row[j + 2] + down[j + 2]) - (up[j] + 2 * row[j] + down[j])
+            y[i][j] = (down[j] + 2 * down[j + 1] + down[j + 2]) - (up[j] + 2 * up[j + 1] + up[j + 2])
     return torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
 
 

@@ -3,12 +3,14 @@ import hashlib
 import json
 import os
 import re
+import shlex
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, needs_reference, release_weights
+from test_train import train_script
 from ReFusion import ReFusion
 from tools.diagnostics.stripes import alternation_table, border_alternation, bundled_pairs
 from utils.tasks import TASKS
@@ -29,6 +31,22 @@ def test_record_describes_the_shipped_weights(task):
     assert info["task"] == info["config"]["task"] == task
     assert "never from released weights" in info["initialised_from"] and info["data"]["split"] == "train only"
     assert any(command.startswith("python train.py") for command in info["commands"])
+
+
+# keys that say where and how a run was driven, not what it trained
+RUN_ONLY = ("exp_dir", "resume", "threads", "device", "max_time", "checkpoint_every", "dist_timeout")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_record_command_trains_the_recorded_config(task):
+    """The record's ``train.py`` command, run under today's defaults, trains the config the model
+    was trained with: a default that changed since the model was trained is spelled out in it."""
+    info = record(task)
+    command = next(c for c in info["commands"] if c.startswith("python train.py"))
+    given = train_script.parse_config(shlex.split(command)[2:])
+    trained = train_script.saved_config(info["config"])
+    assert {k: given.get(k) for k in trained if k not in RUN_ONLY} == \
+        {k: v for k, v in trained.items() if k not in RUN_ONLY}
 
 
 @pytest.mark.parametrize("task", list(TASKS))

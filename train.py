@@ -67,7 +67,7 @@ c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1
 recon_c_int = 1.0             # reconstruction loss: intensity weight
 recon_c_grad = 1.0            # reconstruction loss: gradient weight
 gradient_padding = "zero"     # both losses' Sobel maps: "zero" (the release) | "replicate" (no edge at the border)
-gradient_target = "weighted"  # fusion loss's gradient term: "weighted" by P (the paper) | "max" (TDFusion's)
+gradient_target = "max"       # fusion loss's gradient term: "max" (TDFusion's) | "weighted" by P (the paper)
 recon_dim = 16                # R's width (a multiple of 8): its capacity
 recon_blocks = 2              # R's transformer blocks: its capacity and receptive field
 device = "auto"               # auto | cpu | cuda | mps
@@ -89,7 +89,7 @@ PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_st
                    "lr": 2e-4, "lr_step": 4, "batch_size": 2},
            "smoke": {"epochs": 1, "crop": 32, "max_meta_step": 4, "max_fusion_steps": 20, "exp_dir": "exp/smoke"}}
 # keys whose absence from a run's config.json means a rule older than today's default
-BEFORE_KEY = {"meta_rule": "paper"}
+BEFORE_KEY = {"meta_rule": "paper", "gradient_target": "weighted"}
 # the least value of each numeric key the schedule can run with
 LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "max_meta_step": 0,
          "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "lpn_lr_step": 0, "c_int": 0,

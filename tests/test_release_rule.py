@@ -61,7 +61,8 @@ def release_group(fusion, recon, lpn, batches, accumulation_steps, lr, w, drop_f
         w_int, w_grad = lpn(x)
         fused = fusion(x)
         fusion.zero_grad()
-        loss_f = fusion_loss(x, fused, w_int, w_grad, w.fusion_int, w.fusion_grad)
+        loss_f = fusion_loss(x, fused, w_int, w_grad, w.fusion_int, w.fusion_grad, w.gradient_padding,
+                             w.gradient_target)
         loss_f.backward(create_graph=True)
         fusion_virtual = with_parameters(fusion, {n: p - lr * p.grad for n, p in fusion.named_parameters()})
         targets = torch.cat([inner, inner])
@@ -79,10 +80,11 @@ def release_group(fusion, recon, lpn, batches, accumulation_steps, lr, w, drop_f
         return [p - lr * p.grad / scale for p in lpn.parameters()]
 
 
-def trainer_for(patch_file, tmp_path, accumulation_steps, rule="release"):
+def trainer_for(patch_file, tmp_path, accumulation_steps, rule="release", gradient_target="max"):
     config = train_script.parse_config(["--data", str(patch_file), "--batch_size", "2", "--crop", "0",
                                         "--accumulation_steps", str(accumulation_steps), "--lr", str(LR),
-                                        "--meta_rule", rule, "--device", "cpu"])
+                                        "--meta_rule", rule, "--gradient_target", gradient_target,
+                                        "--device", "cpu"])
     train_script.check_config(config)
     return train_script.Trainer(config, str(tmp_path))
 
@@ -108,9 +110,9 @@ def largest_difference(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("accumulation_steps", [2, 3])
-def test_p_steps_as_the_release_loop(patch_file, tmp_path, accumulation_steps, monkeypatch):
-    trainer = trainer_for(patch_file, tmp_path, accumulation_steps)
+@pytest.mark.parametrize("accumulation_steps, gradient_target", [(2, "max"), (3, "max"), (2, "weighted")])
+def test_p_steps_as_the_release_loop(patch_file, tmp_path, accumulation_steps, gradient_target, monkeypatch):
+    trainer = trainer_for(patch_file, tmp_path, accumulation_steps, gradient_target=gradient_target)
     nets = copy.deepcopy((trainer.fusion, trainer.recon, trainer.lpn))
     before = [p.detach().clone() for p in trainer.lpn.parameters()]
     ours, consumed, batches = train_py_group(trainer, monkeypatch)
@@ -159,3 +161,7 @@ def test_meta_rule_is_checked_and_recorded(patch_file, tmp_path, capsys):
     # a config written before the rule existed was trained under the paper's rule
     assert train_script.saved_config({"epochs": 3})["meta_rule"] == "paper"
     assert train_script.saved_config({"meta_rule": "release"})["meta_rule"] == "release"
+    # and, before the gradient term could be chosen, with the P-weighted one
+    assert train_script.parse_config([])["gradient_target"] == "max"
+    assert train_script.saved_config({"epochs": 3})["gradient_target"] == "weighted"
+    assert train_script.saved_config({"gradient_target": "max"})["gradient_target"] == "max"

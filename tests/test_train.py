@@ -278,7 +278,7 @@ def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key, value", [("gradient_padding", "replicate"), ("gradient_target", "max")])
+@pytest.mark.parametrize("key, value", [("gradient_padding", "replicate"), ("gradient_target", "weighted")])
 def test_loss_choice_flags_reach_the_losses_and_are_checked(patches, key, value):
     _, data = patches
     default = train_script.parse_config(["--data", str(data)])

@@ -90,6 +90,8 @@ PRESETS = {"cpu": {"epochs": 6, "crop": 64, "max_meta_step": 100, "max_fusion_st
            "smoke": {"epochs": 1, "crop": 32, "max_meta_step": 4, "max_fusion_steps": 20, "exp_dir": "exp/smoke"}}
 # keys whose absence from a run's config.json means a rule older than today's default
 BEFORE_KEY = {"meta_rule": "paper", "gradient_target": "weighted"}
+# how to run, not what to train: a resumed run takes these from its command line
+HOW_TO_RUN = ("device", "threads", "max_time", "checkpoint_every", "dist_timeout")
 # the least value of each numeric key the schedule can run with
 LEAST = {"epochs": 1, "batch_size": 1, "lr_step": 1, "accumulation_steps": 1, "max_meta_step": 0,
          "max_fusion_steps": 0, "crop": 0, "threads": 0, "lpn_lr": 0, "lpn_lr_step": 0, "c_int": 0,
@@ -338,9 +340,7 @@ def train(argv):
         state = read_checkpoint(config["resume"], what="checkpoint")
         if not isinstance(state, dict) or "fusion" not in state or "config" not in state:
             raise TrainError(f"{config['resume']} is not a train.py checkpoint.pt")
-        # how to run, not what to train: taken from this command line, not the checkpoint
-        overrides = {k: config[k] for k in ("device", "threads", "max_time", "checkpoint_every",
-                                            "dist_timeout")}
+        overrides = {k: config[k] for k in HOW_TO_RUN}
         config = {**saved_config(state["config"]), **overrides, "resume": config["resume"]}
     check_config(config, launched_world_size())
     resume_dir = os.path.dirname(os.path.abspath(config["resume"])) if state is not None else None

@@ -34,7 +34,7 @@ def test_record_describes_the_shipped_weights(task):
 
 
 # keys that say where and how a run was driven, not what it trained
-RUN_ONLY = ("exp_dir", "resume", "threads", "device", "max_time", "checkpoint_every", "dist_timeout")
+RUN_ONLY = train_script.HOW_TO_RUN + ("exp_dir", "resume")
 
 
 @pytest.mark.parametrize("task", list(TASKS))

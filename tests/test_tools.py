@@ -2,6 +2,7 @@
 missing epochs are scored and the learning curve is drawn; order_report and lpn_report read a run
 folder. (Tests run the tools as commands.)"""
 import csv
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from conftest import ROOT
 from eval import mean_row, score_folders
 from ReFusion import ReFusion
+from tools.score_run import reference_levels
 
 
 def score_run(*args):
@@ -51,7 +53,8 @@ def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
     result = score_run(*args)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(run / "scores.csv")))
-    assert [r["weights"] for r in rows] == ["released", "shipped", "epoch1", "epoch2"]
+    shipped = "shipped@" + hashlib.sha256(open(os.path.join(ROOT, "models", "ReFusion_IVIF.pth"), "rb").read()).hexdigest()[:8]
+    assert [r["weights"] for r in rows] == ["released", shipped, "epoch1", "epoch2"]
     assert rows[3]["seconds"] == "3238.6" and rows[3]["fusion_loss"] == "0.012" and rows[3]["pairs"] == "2"
 
     # epoch 1's row is eval.py's mean over what test.py writes with those weights
@@ -71,12 +74,24 @@ def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
     assert rows_after[:4] == rows and [r["weights"] for r in rows_after[4:]] == ["epoch3"]
     assert rows_after[4]["seconds"] == ""  # not in log.csv
 
+    # another shipped model is a row of its own; the curve draws the last one scored
+    random_weights(tmp_path / "other.pth", 5)
+    assert score_run(*args, "--shipped", str(tmp_path / "other.pth")).returncode == 0
+    rows_after = list(csv.DictReader(open(run / "scores.csv")))
+    assert len(rows_after) == 6 and rows_after[5]["weights"].startswith("shipped@")
+    assert rows_after[5]["weights"] != shipped and rows_after[5]["VIF"] != rows[1]["VIF"]
+
+    assert reference_levels(rows_after)["shipped"] is rows_after[5]
+
     svg = (run / "learning_curve.svg").read_text()
     assert svg.count("<polyline") == 4 and svg.count('stroke-dasharray') == 8  # 4 panels x 2 levels
     for metric in ("VIF", "Qabf", "SSIM", "SF"):
         assert f">{metric}</text>" in svg
     os.remove(run / "learning_curve.svg")
     assert score_run(str(run), "--plot_only").returncode == 0 and (run / "learning_curve.svg").exists()
+
+    absent = score_run(*args, "--shipped", str(tmp_path / "absent.pth"))
+    assert absent.returncode == 1 and "absent.pth" in absent.stderr and "Traceback" not in absent.stderr
 
     missing = score_run(str(tmp_path / "nowhere"), "--plot_only")
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr

@@ -5,8 +5,10 @@
 
 Appends to ``<run>/scores.csv`` one row per ``ReFusion_epoch<N>.pth`` not yet scored (its wall
 time and losses from log.csv, then eval.py's means on ``<datasets>/<TASK>/test``), plus one row
-each for the released weights (``--released``) and the shipped model
-(``models/ReFusion_<TASK>.pth``) as levels to compare with. Then writes
+each for the released weights (``--released``) and the shipped model (``--shipped``, default
+``models/ReFusion_<TASK>.pth``) as levels to compare with. The shipped row is labelled with its
+weights' hash (``shipped@<first 8 of sha256>``), so a model shipped later gets a row of its own
+instead of being read as the one scored before it. Then writes
 ``<run>/learning_curve.svg`` (VIF, Qabf, SSIM and SF per epoch). ``--plot_only`` redraws the
 figure from scores.csv alone.
 """
@@ -46,15 +48,17 @@ def finished_epochs(run, network="ReFusion"):
                                             for name in os.listdir(run)) if m)
 
 
-def score_missing(run, task, datasets, released, device):
+def score_missing(run, task, datasets, released, shipped, device):
     from tools.quality import score_weights, test_split
+    from tools.ship_model import sha256
 
     scores = os.path.join(run, "scores.csv")
     done = {row["weights"] for row in read_rows(scores)}
     log = {int(row["epoch"]): row for row in read_rows(os.path.join(run, "log.csv"))}
-    shipped = os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
-    jobs = [(label, path, {}) for label, path in (("released", released), ("shipped", shipped))
-            if path and os.path.exists(path)]
+    shipped = shipped or os.path.join(ROOT, "models", f"ReFusion_{task}.pth")
+    jobs = [("released", released, {})] if released else []
+    if os.path.exists(shipped):
+        jobs.append(("shipped@" + sha256(shipped)[:8], shipped, {}))
     for epoch in finished_epochs(run):
         entry = log.get(epoch, {})
         jobs.append((f"epoch{epoch}", os.path.join(run, f"ReFusion_epoch{epoch}.pth"),
@@ -70,11 +74,17 @@ def score_missing(run, task, datasets, released, device):
         print(f"{label}: " + " ".join(f"{m} {means[m]:.4f}" for m in SHOWN), flush=True)
 
 
+def reference_levels(rows):
+    """The rows without an epoch by name, the shipped rows under "shipped": the last one scored."""
+    return {"shipped" if r["weights"].startswith("shipped") else r["weights"]: r
+            for r in rows if not r["epoch"]}
+
+
 def curve_svg(rows, title, planned=1):
     """Four small line plots (CURVES) of the epoch rows over the run's ``planned`` epochs, with
     the reference rows as dashed levels."""
     epochs = sorted((r for r in rows if r["epoch"]), key=lambda r: int(r["epoch"]))
-    levels = {r["weights"]: r for r in rows if not r["epoch"]}
+    levels = reference_levels(rows)
     colours = {"released": "#c0392b", "shipped": "#7f8c8d"}
     width, height, pad = 330, 210, 42
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{2 * height + 30}" '
@@ -120,6 +130,7 @@ def main(argv=None):
     parser.add_argument("run", help="training run folder (ReFusion_epoch<N>.pth, log.csv)")
     parser.add_argument("--datasets", help="folder holding <TASK>/test/<source folders>")
     parser.add_argument("--released", help="the authors' released weights for the task, as a level")
+    parser.add_argument("--shipped", help="the model to compare with (default: models/ReFusion_<TASK>.pth)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--plot_only", action="store_true", help="only redraw the figure")
     args = parser.parse_args(argv)
@@ -132,10 +143,13 @@ def main(argv=None):
             raise UserError(f"{args.run} is not a training run folder (no config.json)")
         config = json.load(open(config))
         task = config["task"]
+        for given in (args.released, args.shipped):
+            if given and not os.path.isfile(given):
+                raise UserError(f"{given}: no such weights file")
         if not args.plot_only:
             if not args.datasets:
                 raise UserError("--datasets is needed to score (or use --plot_only)")
-            score_missing(args.run, task, args.datasets, args.released, args.device)
+            score_missing(args.run, task, args.datasets, args.released, args.shipped, args.device)
         rows = read_rows(os.path.join(args.run, "scores.csv"))
         if not rows:
             raise UserError(f"nothing scored yet in {args.run}/scores.csv")

@@ -85,16 +85,8 @@ def test_border_alternation_sees_striped_borders_only():
     assert border_alternation(columns) == pytest.approx(7.25 - 0.5)
 
 
-# shipped models still trained with the P-weighted, zero-padded gradient term on 64 px crops,
-# whose borders zig-zag (docs/STUDIES.md, "Border stripes"); strict, so that a replacement that
-# passes is noticed
-STRIPED = ("MEIF",)
-
-
 @needs_reference
-@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.xfail(
-    strict=True, reason="shipped model with striped borders")) if task in STRIPED else task
-    for task in TASKS])
+@pytest.mark.parametrize("task", TASKS)
 def test_shipped_borders_alternate_no_more_than_released(task):
     """On every bundled pair, the shipped model's outer lines zig-zag no more than the released
     weights' (tools/diagnostics/stripes.py)."""

@@ -2,7 +2,6 @@
 missing epochs are scored and the learning curve is drawn; order_report and lpn_report read a run
 folder. (Tests run the tools as commands.)"""
 import csv
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from conftest import ROOT
 from eval import mean_row, score_folders
 from ReFusion import ReFusion
 from tools.score_run import reference_levels
+from tools.ship_model import sha256
 
 
 def score_run(*args):
@@ -53,7 +53,7 @@ def test_score_run_scores_each_epoch_once_and_draws_the_curve(tmp_path):
     result = score_run(*args)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(run / "scores.csv")))
-    shipped = "shipped@" + hashlib.sha256(open(os.path.join(ROOT, "models", "ReFusion_IVIF.pth"), "rb").read()).hexdigest()[:8]
+    shipped = "shipped@" + sha256(os.path.join(ROOT, "models", "ReFusion_IVIF.pth"))[:8]
     assert [r["weights"] for r in rows] == ["released", shipped, "epoch1", "epoch2"]
     assert rows[3]["seconds"] == "3238.6" and rows[3]["fusion_loss"] == "0.012" and rows[3]["pairs"] == "2"
 

@@ -64,6 +64,7 @@ max_fusion_steps = 0          # stage 2: batches per epoch (0: one full pass)
 crop = 0                      # random crop of each batch to crop x crop (0: whole patches)
 c_int = 1.0                   # fusion loss: intensity weight
 c_grad = 1.0                  # fusion loss: gradient weight, scaled by (epoch+1)/epochs
+grad_ramp = True              # the gradient weight grows as (epoch+1)/epochs (the paper); false: constant (TDFusion)
 recon_c_int = 1.0             # reconstruction loss: intensity weight
 recon_c_grad = 1.0            # reconstruction loss: gradient weight
 gradient_padding = "zero"     # both losses' Sobel maps: "zero" (the release) | "replicate" (no edge at the border)
@@ -155,9 +156,11 @@ def lr_at(config, epoch, key="lr"):
 
 
 def loss_weights_at(config, epoch):
-    """Both losses' coefficients in (0-based) ``epoch``: the gradient term ramps as (epoch+1)/epochs."""
+    """Both losses' coefficients in (0-based) ``epoch``: the gradient term ramps as (epoch+1)/epochs
+    unless ``grad_ramp`` is off."""
     c = config
-    return LossWeights(c["c_int"], c["c_grad"] * (epoch + 1) / c["epochs"], c["recon_c_int"],
+    ramp = (epoch + 1) / c["epochs"] if c["grad_ramp"] else 1.0
+    return LossWeights(c["c_int"], c["c_grad"] * ramp, c["recon_c_int"],
                        c["recon_c_grad"], c["symmetric_lpn"], c["meta_rule"], c["lpn_fusion_loss"],
                        c["gradient_padding"], c["gradient_target"])
 

@@ -278,6 +278,16 @@ def test_boolean_flags_reach_the_losses(patches, tmp_path, capsys, key, field):
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_grad_ramp_switches_the_gradient_weights_growth(patches):
+    """The paper's ramp c_grad * (e+1)/E by default; ``--grad_ramp false`` holds c_grad from epoch 1."""
+    _, data = patches
+    ramped = train_script.parse_config(["--data", str(data), "--epochs", "4", "--c_grad", "2"])
+    constant = train_script.parse_config(["--data", str(data), "--epochs", "4", "--c_grad", "2",
+                                          "--grad_ramp", "false"])
+    assert [train_script.loss_weights_at(ramped, e).fusion_grad for e in range(4)] == [0.5, 1.0, 1.5, 2.0]
+    assert [train_script.loss_weights_at(constant, e).fusion_grad for e in range(4)] == [2.0] * 4
+
+
 @pytest.mark.parametrize("key, value", [("gradient_padding", "replicate"), ("gradient_target", "weighted")])
 def test_loss_choice_flags_reach_the_losses_and_are_checked(patches, key, value):
     _, data = patches

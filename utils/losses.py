@@ -53,7 +53,7 @@ def fusion_loss(sources, fused, w_int, w_grad, c_int=1.0, c_grad=1.0, padding="z
     """``c_int * [intensity term] + c_grad * [gradient term]`` with LPN's per-pixel weights.
 
     sources ``(B,2,H,W)``; fused ``(B,1,H,W)``; w_int, w_grad ``(B,2,H,W)``. Returns a scalar.
-    ``c_grad`` is the epoch-scaled coefficient ``c_grad * (epoch+1) / epochs`` of the paper.
+    ``c_grad`` is the epoch's coefficient: ``c_grad * (epoch+1) / epochs`` (the paper's ramp) or constant.
     ``gradient_target``: ``weighted`` (the paper: P weighs each source's gradient map, as its
     intensities) or ``max`` (``max_gradient_error``: TDFusion's term, w_grad unused).
     """

@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 
 @dataclass
 class LossWeights:
-    """Coefficients of both losses (``fusion_grad`` already scaled by (epoch+1)/epochs), whether
+    """Coefficients of both losses (``fusion_grad`` already scaled by the epoch's ramp), whether
     P's proposals are made swap-equivariant (``LPN.forward(..., exchanged=True)``), P's update
     rule (``meta_rule``: ``META_RULES``), under the paper's rule whether P also descends every
     pair's inner fusion loss (``lpn_fusion_loss``), the padding of both losses' gradient maps

@@ -4,14 +4,17 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, needs_reference, release_weights
+from conftest import ROOT, needs_reference, random_patch_file, release_weights
 from test_train import train_script
 from ReFusion import ReFusion
+from tools.diagnostics.loss_optimum import intensity_weights, loss_optimum
 from tools.diagnostics.stripes import alternation_table, border_alternation, bundled_pairs
 from utils.tasks import TASKS
 
@@ -83,6 +86,33 @@ def test_border_alternation_sees_striped_borders_only():
     columns = ramp.copy()
     columns[:, -2] += 7.25  # a bright column next to the right edge
     assert border_alternation(columns) == pytest.approx(7.25 - 0.5)
+
+
+@pytest.mark.parametrize("target, padding, striped", [("max", "zero", True), ("max", "replicate", False),
+                                                    ("weighted", "zero", False)])
+def test_the_max_terms_zero_padded_border_step_asks_for_stripes(target, padding, striped):
+    """On smooth sources of different brightness with equal intensity weights, the fusion loss's
+    own optimum (no network) zig-zags at the border under the max term with zero-padded Sobel
+    maps: its target at the border is the brighter source's step from the padding, where the
+    intensity term asks for the mean. Replicate padding, or the weighted term, asks for none."""
+    y, x = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    sources = torch.stack([0.3 + 0.1 * torch.sin(x / 5) * torch.cos(y / 7), 0.6 + 0.1 * torch.cos(x / 6 + y / 9)])[None]
+    assert max(border_alternation(255 * s.numpy()) for s in sources[0]) < 0.1
+    fused = loss_optimum(sources, intensity_weights(sources, "equal"), target, padding, iterations=500)
+    depth = border_alternation(fused[0].numpy())
+    assert depth > 5 if striped else depth < 1, depth
+
+
+def test_loss_optimum_command_prints_every_term_padding_and_weighting(tmp_path):
+    data = random_patch_file(str(tmp_path / "patches.h5"), 3, 16, seed=0)
+    done = subprocess.run([sys.executable, "-m", "tools.diagnostics.loss_optimum", "--data", data, "--pairs", "2",
+                           "--iterations", "5"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| max") or line.startswith("| weighted")]
+    assert len(rows) == 12
+    missing = subprocess.run([sys.executable, "-m", "tools.diagnostics.loss_optimum", "--data", str(tmp_path / "no.h5")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stderr.startswith("error:") and "no.h5" in missing.stderr
 
 
 @needs_reference
